@@ -1,0 +1,39 @@
+# `make repro` and `make test` work on a fresh clone: they build .venv when it is missing or
+# older than the pins, then run the pipeline or the tests.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+PORT ?= 5000
+
+.PHONY: setup repro test ui bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@$(BIN)/python -c "import sys; assert sys.version_info[:2] == (3, 11)" 2>/dev/null \
+	  || (rm -rf $(VENV) && $(PYTHON) -m venv $(VENV))
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+repro: setup
+	$(BIN)/dvc config core.analytics false --local
+	LMPIPE_RUN_GROUP=$${LMPIPE_RUN_GROUP:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} $(BIN)/dvc repro
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+ui: setup
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+clean-venv:
+	rm -rf $(VENV)
