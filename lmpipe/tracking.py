@@ -131,7 +131,9 @@ class Tracker:
             from mlflow.data.meta_dataset import MetaDataset
             from mlflow.entities import InputTag
 
-            source = resolve_dataset_source(str(Path(path).resolve()))
+            with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
+                warnings.simplefilter("ignore")
+                source = resolve_dataset_source(str(Path(path).resolve()))
             dataset = MetaDataset(source, name=str(path), digest=dvc_md5(path)[:36])
             tags = [InputTag("mlflow.data.context", context)]
             self._client.log_inputs(
