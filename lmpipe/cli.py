@@ -20,6 +20,18 @@ def _params_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    import json
+
+    from lmpipe.audit import audit, format_report
+    from lmpipe.project import default_tracking_uri
+
+    uri = None if args.no_mlflow else (args.tracking_uri or default_tracking_uri(args.root))
+    report = audit(args.path, root=args.root, tracking_uri=uri)
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmpipe", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -29,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     check = params_sub.add_parser("check", help="validate every section of a params file")
     check.add_argument("file", nargs="?", default="params.yaml")
     check.set_defaults(func=_params_check)
+
+    audit = commands.add_parser(
+        "audit",
+        help="how was this model made? check every recorded hash against the disk",
+        description="Walk dvc.lock back from PATH to the raw data: commands, params, input and "
+        "output hashes (recomputed from disk), git revision, package versions, MLflow runs. "
+        "Exit 1 naming the file when anything no longer matches, or a stage is stale.",
+    )
+    audit.add_argument("path", nargs="?", default="models/export", help="an output (default: models/export)")
+    audit.add_argument("--json", action="store_true", help="machine-readable report")
+    audit.add_argument("--root", default=".", help="project root holding dvc.lock (default: .)")
+    audit.add_argument("--tracking-uri", help="MLflow store to look runs up in (default: the project's)")
+    audit.add_argument("--no-mlflow", action="store_true", help="skip the MLflow run look-up")
+    audit.set_defaults(func=_audit)
     return parser
 
 

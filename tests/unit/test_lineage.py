@@ -1,0 +1,63 @@
+"""Hashes match what the real DVC records, so audits can compare them without DVC."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from lmpipe.lineage import dvc_md5, git_state, read_lock
+from lmpipe.project import default_tracking_uri, project_root
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def test_dvc_md5_equals_the_hashes_dvc_writes_to_dvc_lock(tmp_path):
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([*DVC, "init", "-q"], cwd=tmp_path, check=True, env=env)
+    (tmp_path / "dvc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "stages": {
+                    "make": {
+                        "cmd": "mkdir -p out/sub && printf 'a\\n' > out/a.txt && printf 'é' > out/sub/b"
+                        " && printf 'x' > single.txt",
+                        "outs": ["out", "single.txt"],
+                    }
+                }
+            }
+        )
+    )
+    subprocess.run([*DVC, "repro", "-q"], cwd=tmp_path, check=True, env=env)
+    outs = {o["path"]: o["md5"] for o in read_lock(tmp_path)["make"]["outs"]}
+    assert outs["out"] == dvc_md5(tmp_path / "out")
+    assert outs["out"].endswith(".dir")
+    assert outs["single.txt"] == dvc_md5(tmp_path / "single.txt")
+
+
+def test_project_root_maps_a_dvc_temp_experiment_back_to_the_project(tmp_path, monkeypatch):
+    (tmp_path / ".dvc").mkdir()
+    temp_exp = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc"
+    (temp_exp / ".dvc").mkdir(parents=True)
+    assert project_root(temp_exp) == tmp_path.resolve()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri(temp_exp) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri(temp_exp) == "http://127.0.0.1:5000"
+
+
+def test_git_state_reports_revision_and_dirty_flag(tmp_path):
+    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    run("init", "-q")
+    (tmp_path / "f").write_text("1")
+    run("add", "f")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    clean = git_state(tmp_path)
+    assert len(clean["rev"]) == 40 and clean["dirty"] is False
+    (tmp_path / "f").write_text("2")
+    assert git_state(tmp_path)["dirty"] is True
+    assert git_state(Path("/"))["rev"] is None

@@ -1,0 +1,101 @@
+"""The tracker: right status on every ending, hashes as tags, never fatal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lmpipe.lineage import dvc_md5
+from lmpipe.params import load_params
+from lmpipe.tracking import stage_run
+
+
+@pytest.fixture
+def params(project_root):
+    return load_params(project_root / "params.yaml")
+
+
+def _only_run(uri):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("lmpipe")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_finished_run_has_params_metrics_and_hash_tags(tracking_uri, params, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.txt").write_text("x")
+    with stage_run("tokenize", params, sections=("tokenize",), inputs=("data",), outputs=("data/x.txt",)) as t:
+        for step in range(250):  # more than one batch
+            t.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    run = _only_run(tracking_uri)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["tokenize.vocab_size"] == "8000"
+    assert "pretrain.optim.lr" not in run.data.params
+    assert run.data.tags["lmpipe.stage"] == "tokenize"
+    assert run.data.tags["lmpipe.group"] == "exp-1"
+    assert run.data.tags["dvc.dep.data"] == dvc_md5(tmp_path / "data")
+    assert run.data.tags["dvc.out.data/x.txt"] == dvc_md5(tmp_path / "data" / "x.txt")
+    history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "loss")
+    assert len(history) == 250
+
+
+def test_exception_marks_the_run_failed(tracking_uri, params, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError):
+        with stage_run("preprocess", params):
+            raise ValueError("bad row")
+    assert _only_run(tracking_uri).info.status == "FAILED"
+
+
+def test_sigterm_marks_the_run_killed(tracking_uri, project_root, tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(project_root)!r})
+        from lmpipe.params import load_params
+        from lmpipe.stage import run
+        from lmpipe.tracking import stage_run
+        def main():
+            with stage_run("pretrain", load_params({str(project_root / 'params.yaml')!r})):
+                print("ready", flush=True)
+                time.sleep(60)
+        run(main)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert _only_run(tracking_uri).info.status == "KILLED"
+
+
+def test_unreachable_server_never_stops_the_stage(params, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.warns(UserWarning, match="not reachable"):
+        with stage_run("baseline", params) as t:
+            t.log_metrics({"acc": 1.0})
+            t.flush()
+            done = True
+    assert done and not t.active
+
+
+def test_only_rank_zero_logs(tracking_uri, params, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "1")
+    with stage_run("pretrain", params) as t:
+        assert not t.active
+    assert MlflowClient(tracking_uri).get_experiment_by_name("lmpipe") is None
