@@ -1,0 +1,71 @@
+"""Fine-tune one backbone for sequence classification: `python -m stages.finetune <backbone>`.
+
+`<backbone>` is a key of `finetune.backbones` (dvc.yaml runs one stage per key via foreach:
+`finetune@scratch`, `finetune@minilm`).
+
+Reads:  data/processed/{train,val}.parquet + labels.json, the backbone folder
+        (finetune.backbones.<backbone>.source), params `base` and `finetune`.
+Writes: models/finetuned/<backbone>/ (HF folder: safetensors, config with id2label/label2id,
+        tokenizer files, lmpipe.json), checkpoints/finetune/<backbone>/ (resume point),
+        reports/finetune/<backbone>/{metrics.json,train_curve.csv,eval_curve.csv}.
+
+Features:
+- modes full / frozen (+ top k layers) / lora (merged into the weights before saving);
+- head or head+tail truncation through the one shared `encode_texts`;
+- length-bucketed batches (less padding), stratified train subsample, seeded throughout;
+- the shared training loop: warmup + cosine, accumulation, clipping, early stopping on a
+  validation metric (the best weights are saved), exact resume after a kill, DDP under torchrun;
+- MLflow run `finetune@<backbone>` with params, curves, validation metrics and lineage tags.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lmpipe import finetuning
+from lmpipe.errors import LmpipeError
+from lmpipe.io import atomic_dir, write_json
+from lmpipe.params import load_params
+from lmpipe.stage import run, setup_torch
+from lmpipe.tracking import stage_run
+
+PROCESSED = Path("data/processed")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    params = load_params()
+    known = sorted(params.finetune.backbones)
+    if len(args) != 1 or args[0] not in params.finetune.backbones:
+        got = repr(args[0]) if len(args) == 1 else f"{len(args)} arguments"
+        raise LmpipeError(f"usage: python -m stages.finetune <backbone>: the backbone must be a key "
+                          f"of params.yaml finetune.backbones {known} (got {got})")
+    backbone = args[0]
+    source = Path(params.finetune.backbones[backbone].source)
+    finetuning.check_processed(PROCESSED)
+    if not (source / "config.json").is_file():
+        raise LmpipeError(f"{source}/config.json: file not found (finetune.backbones.{backbone}.source "
+                          f"must be a transformers model folder; run the stage that writes it)")
+    model_dir = Path("models/finetuned") / backbone
+    reports = Path("reports/finetune") / backbone
+    device = setup_torch(params.base.seed, params.base.threads, params.base.device)
+    with stage_run(f"finetune@{backbone}", params, sections=("finetune",),
+                   inputs=(str(PROCESSED), str(source)), outputs=(str(model_dir),),
+                   extra_tags={"lmpipe.backbone": backbone}) as tracker:
+        tracker.log_input(PROCESSED, context="train")
+        done = finetuning.run_finetune(
+            params, backbone, processed_dir=PROCESSED, device=device, tracker=tracker,
+            checkpoint_dir=Path("checkpoints/finetune") / backbone, curves_dir=reports,
+        )
+        with atomic_dir(model_dir) as tmp:
+            finetuning.save_classifier(done.model, done.tokenizer, tmp, done.info)
+        write_json(reports / "metrics.json", done.metrics)
+        tracker.log_metrics({f"best_{k}": v for k, v in done.info["val_metrics"].items()})
+        tracker.log_metrics({k: float(done.metrics[k]) for k in ("trainable_params", "total_params", "pad_share")})
+        tracker.log_artifact(reports)
+        tracker.log_artifact(model_dir / finetuning.INFO_FILE)
+
+
+if __name__ == "__main__":
+    run(main)
