@@ -1,0 +1,69 @@
+"""Stage `evaluate`: every model on the held-out test split, one comparison table.
+
+Reads:  data/processed/{test.parquet,labels.json}, models/baseline, models/finetuned/<name>/
+        (every fine-tuned folder), models/pretrained, reports/pretrain/*.csv and
+        reports/finetune/<name>/*.csv (training curves, plotted when present); params: all.
+Writes: reports/evaluate/ as one folder swapped in whole: metrics.json (per model accuracy,
+        precision, recall, f1, roc_auc, ece, each with ci_low/ci_high; mcnemar_p vs the
+        baseline; pretrained.test_mlm_perplexity), comparison.md, predictions/<model>.csv
+        (actual,predicted,prob_<label>), roc/<model>.csv (fpr,tpr), plots/*.png.
+
+Features:
+- batched, length-sorted inference under torch.inference_mode, each transformer encoded as it
+  was trained (its lmpipe.json: max_length, head / head_tail truncation);
+- macro precision/recall/F1, ROC-AUC (one-vs-rest for multiclass), calibration (ECE), paired
+  percentile bootstrap intervals, McNemar's test of each transformer against the baseline;
+- the pretrained encoder's masked-LM perplexity on the test text (seeded masking);
+- deterministic outputs (seeded, sorted keys, fixed float formats, metadata-free PNGs);
+- an MLflow run carrying every pipeline param, the flattened headline metrics, the plots and
+  the table as artifacts, and `upstream.<stage>.run_id` tags linking the runs that made its
+  inputs (found by their DVC hashes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmpipe import evaluation
+from lmpipe.errors import LmpipeError
+from lmpipe.io import atomic_dir
+from lmpipe.params import load_params
+from lmpipe.stage import run, setup_torch
+from lmpipe.tracking import stage_run
+
+PROCESSED = Path("data/processed")
+BASELINE = Path("models/baseline")
+PRETRAINED = Path("models/pretrained")
+FINETUNED = Path("models/finetuned")
+OUT = Path("reports/evaluate")
+OUTPUTS = ("metrics.json", "comparison.md", "predictions", "roc", "plots")
+
+
+def main() -> dict:
+    params = load_params()
+    test = evaluation.load_test_set(PROCESSED)
+    models = evaluation.find_models(BASELINE, FINETUNED)
+    if not (PRETRAINED / "config.json").is_file():
+        raise LmpipeError(f"{PRETRAINED}/config.json: file not found (run the pretrain stage first)")
+    inputs = [str(PROCESSED), str(BASELINE), str(PRETRAINED), str(FINETUNED)]
+    inputs += [str(spec.path) for spec in models if spec.kind == "transformer"]
+    device = setup_torch(params.base.seed, params.base.threads, params.base.device)
+    with stage_run("evaluate", params, sections=("*",), inputs=tuple(inputs),
+                   outputs=tuple(str(OUT / name) for name in OUTPUTS)) as tracker:
+        result = evaluation.evaluate(test, models, pretrained=PRETRAINED, settings=params.evaluate,
+                                     seed=params.base.seed, device=device)
+        with atomic_dir(OUT) as tmp:
+            head = evaluation.write_reports(result, tmp, curves_root=Path("reports"))
+        tracker.log_metrics(evaluation.flat_metrics(head))
+        if tracker.active:
+            tracker.set_tags(evaluation.upstream_tags(params.base.experiment, inputs))
+        tracker.log_input(PROCESSED / "test.parquet", context="test")
+        tracker.log_artifact(OUT / "plots", "plots")
+        tracker.log_artifact(OUT / "comparison.md")
+        tracker.log_artifact(OUT / "metrics.json")
+    print((OUT / "comparison.md").read_text(encoding="utf-8"))
+    return head
+
+
+if __name__ == "__main__":
+    run(main)
