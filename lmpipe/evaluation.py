@@ -67,7 +67,7 @@ class ModelResult:
 class Evaluation:
     test: TestSet
     models: list[ModelResult]
-    lm: dict[str, float] | None = None
+    lm: dict[str, float] | None = None  # pretrained.* entries of metrics.json
     confidence: float = 0.95
     ece_bins: int = 10
     notes: list[str] = field(default_factory=list)
@@ -258,8 +258,8 @@ def mlm_perplexity(
     return {
         "test_mlm_perplexity": M.perplexity(mean_nll),
         "test_mlm_nll": mean_nll,
-        "test_mlm_masked_tokens": float(total_tokens),
-        "test_mlm_windows": float(len(windows)),
+        "test_mlm_masked_tokens": total_tokens,
+        "test_mlm_windows": len(windows),
     }
 
 
