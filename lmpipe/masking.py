@@ -1,0 +1,150 @@
+"""Masked-LM batches: fixed-length windows of the packed token arrays, masked dynamically.
+
+- Windows: `window` = max_length - 2 consecutive tokens of `train.bin` (documents are packed
+  back to back, so a window may span a document boundary, as in RoBERTa's FULL-SENTENCES),
+  wrapped `[CLS] ... [SEP]`. No padding is ever needed.
+- Training windows: the starts for optimizer step `step` are drawn uniformly from
+  `np.random.default_rng([seed, step])`; the global batch (all micro-batches of all ranks) is
+  drawn at once and shard `micro * world + rank` takes its slice, so a batch is a pure function
+  of (seed, step, micro, rank, world) and 1 process x 2 accumulation steps sees the same data as
+  2 processes x 1.
+- Masking (BERT): each non-special token is selected with probability `mask_prob`; of the
+  selected, `mask_replace` become [MASK], `random_replace` a random non-special token, the rest
+  stay. Labels are the original ids at selected positions and -100 elsewhere. The generator is
+  seeded by (seed, step, shard), so the masks too are a pure function of the step.
+- Validation windows: `eval_batches x batch_size` windows evenly spaced over `val.bin` with
+  masks seeded by (seed, batch index): the same held-out set at every evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from lmpipe.errors import LmpipeError
+
+IGNORE = -100  # label of positions that carry no loss (PyTorch cross_entropy's ignore_index)
+EVAL_STREAM = 1 << 31  # keeps validation mask seeds apart from training steps
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    mask_prob: float = 0.15
+    mask_replace: float = 0.8
+    random_replace: float = 0.1
+    mask_id: int = 4
+    vocab_size: int = 8000
+    special_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """Ids never selected for prediction nor drawn as random replacements (cls, sep, pad, mask, unk)."""
+
+
+def generator(*key: int) -> torch.Generator:
+    """A torch.Generator seeded from a tuple of non-negative ints (seed, step, shard, ...)."""
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor, config: MaskingConfig, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of a [batch, seq] id tensor; returns (masked inputs, labels).
+
+    Special tokens (and padding) are never selected. If nothing at all is selected (only
+    possible on tiny batches), one eligible position is, so every batch carries a loss.
+    """
+    ids = input_ids.clone()
+    special = torch.isin(ids, torch.tensor(config.special_ids, dtype=ids.dtype))
+    eligible = ~special
+    if not bool(eligible.any()):
+        raise LmpipeError("masking: the batch holds only special tokens, nothing to predict")
+    draw = torch.rand(ids.shape, generator=gen)
+    selected = (draw < config.mask_prob) & eligible
+    if not bool(selected.any()):
+        flat = eligible.flatten().nonzero().squeeze(1)
+        pick = flat[torch.randint(len(flat), (1,), generator=gen)]
+        selected.view(-1)[pick] = True
+    labels = torch.where(selected, ids, torch.full_like(ids, IGNORE))
+    action = torch.rand(ids.shape, generator=gen)
+    to_mask = selected & (action < config.mask_replace)
+    to_random = selected & ~to_mask & (action < config.mask_replace + config.random_replace)
+    ids[to_mask] = config.mask_id
+    pool = allowed_random_ids(config)
+    random_ids = pool[torch.randint(len(pool), ids.shape, generator=gen)].to(ids.dtype)
+    ids[to_random] = random_ids[to_random]
+    return ids, labels
+
+
+def allowed_random_ids(config: MaskingConfig) -> torch.Tensor:
+    """Vocabulary ids a random replacement may take: every id but the special ones."""
+    keep = torch.ones(config.vocab_size, dtype=torch.bool)
+    keep[list(config.special_ids)] = False
+    return keep.nonzero().squeeze(1)
+
+
+def windows(tokens: np.ndarray, starts: Sequence[int], window: int, cls_id: int, sep_id: int) -> torch.Tensor:
+    """[len(starts), window + 2] int64: tokens[s : s + window] wrapped in [CLS] ... [SEP]."""
+    out = np.empty((len(starts), window + 2), dtype=np.int64)
+    out[:, 0] = cls_id
+    out[:, -1] = sep_id
+    for row, start in enumerate(starts):
+        out[row, 1:-1] = tokens[start : start + window]
+    return torch.from_numpy(out)
+
+
+class MLMBatches:
+    """Training and validation batches of one packed token split pair (see the module docstring)."""
+
+    def __init__(
+        self,
+        train_tokens: np.ndarray,
+        val_tokens: np.ndarray,
+        *,
+        max_length: int,
+        batch_size: int,
+        grad_accum: int,
+        eval_batches: int,
+        seed: int,
+        cls_id: int,
+        sep_id: int,
+        masking: MaskingConfig,
+    ) -> None:
+        self.window = max_length - 2
+        for name, arr in (("train", train_tokens), ("val", val_tokens)):
+            if len(arr) < self.window:
+                raise LmpipeError(
+                    f"data/tokens/{name}.bin: holds {len(arr)} tokens, fewer than one window of "
+                    f"{self.window} (pretrain.model.max_length - 2)"
+                )
+        self.train_tokens, self.val_tokens = train_tokens, val_tokens
+        self.batch_size, self.grad_accum, self.eval_batches = batch_size, grad_accum, eval_batches
+        self.seed, self.cls_id, self.sep_id, self.masking = seed, cls_id, sep_id, masking
+
+    def _make(self, tokens: np.ndarray, starts: Sequence[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+        ids = windows(tokens, starts, self.window, self.cls_id, self.sep_id)
+        inputs, labels = mask_tokens(ids, self.masking, gen)
+        return {"input_ids": inputs, "labels": labels}
+
+    def train_starts(self, step: int, world: int) -> np.ndarray:
+        """Window starts of the whole global batch of `step` (all shards, in shard order)."""
+        count = self.batch_size * self.grad_accum * world
+        high = len(self.train_tokens) - self.window + 1
+        return np.random.default_rng([self.seed, step]).integers(0, high, size=count)
+
+    def batch_at(self, step: int, micro: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+        """The micro-batch `micro` of rank `rank` at optimizer step `step` (pure function)."""
+        shard = micro * world + rank
+        starts = self.train_starts(step, world)[shard * self.batch_size : (shard + 1) * self.batch_size]
+        return self._make(self.train_tokens, starts, generator(self.seed, step, shard))
+
+    def val_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The fixed held-out batches: evenly spaced windows, fixed masks."""
+        count = self.eval_batches * self.batch_size
+        starts = np.linspace(0, len(self.val_tokens) - self.window, count).astype(np.int64)
+        return [
+            self._make(self.val_tokens, starts[i * self.batch_size : (i + 1) * self.batch_size],
+                       generator(self.seed, EVAL_STREAM, i))
+            for i in range(self.eval_batches)
+        ]

@@ -1,0 +1,344 @@
+"""lmpipe.training: the one loop (optimisation, schedule, checkpoints, exact resume, early stopping)."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lmpipe import masking, training
+from lmpipe.errors import LmpipeError
+from lmpipe.params import Architecture
+
+CPU = torch.device("cpu")
+PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster on a loaded 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def regression_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
+
+
+TRUE_W = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+def regression_batch(step: int, micro: int, rank: int, world: int, size: int = 16) -> dict[str, torch.Tensor]:
+    gen = masking.generator(step, training.shard_index(micro, rank, world))
+    x = torch.randn(size, 4, generator=gen)
+    return {"x": x, "y": x @ TRUE_W}
+
+
+def mse(model, batch):
+    return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"]), batch["x"].shape[0]
+
+
+def regression_eval(model):
+    return {"val_loss": float(mse(model, regression_batch(10_000, 0, 0, 1, 64))[0])}
+
+
+def config(**overrides) -> training.TrainConfig:
+    base = dict(max_steps=12, grad_accum=1, lr=1e-2, weight_decay=0.01, betas=(0.9, 0.999), warmup_steps=2,
+                min_lr_ratio=0.1, clip_norm=1.0, eval_every=4, checkpoint_every=3, log_every=2)
+    base.update(overrides)
+    return training.TrainConfig(**base)
+
+
+def run(model, cfg, tmp_path=None, batch_at=regression_batch, fingerprint="f", **kwargs):
+    return training.train(model, loss_fn=mse, batch_at=batch_at, evaluate=regression_eval, config=cfg,
+                          device=CPU, checkpoint_dir=tmp_path, fingerprint=fingerprint, **kwargs)
+
+
+def state_bytes(state) -> dict[str, bytes]:
+    return {k: v.detach().cpu().contiguous().numpy().tobytes() for k, v in state.items()}
+
+
+# tiny BERT masked-LM on a learnable corpus: a repeating 40-token pattern
+ARCH = Architecture(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.1)
+PATTERN = (np.arange(3000) % 40 + 5).astype(np.uint16)
+
+
+def mlm_setup(seed: int = 0):
+    from lmpipe import models  # transformers: imported only by the tests that use it
+
+    mlm = models.build_mlm(models.mlm_config(ARCH, 100, PAD), seed)
+    cfg = masking.MaskingConfig(0.15, 0.8, 0.1, MASK, 100, (PAD, UNK, CLS, SEP, MASK))
+    data = masking.MLMBatches(PATTERN, PATTERN[:600], max_length=16, batch_size=8, grad_accum=1,
+                              eval_batches=2, seed=seed, cls_id=CLS, sep_id=SEP, masking=cfg)
+    val = data.val_batches()
+    return models.MaskedLMObjective(mlm), data, lambda obj: models.evaluate_mlm(obj.mlm, val, CPU)
+
+
+def train_mlm(cfg, checkpoint_dir=None, batch_at=None, seed=0):
+    from lmpipe import models
+
+    objective, data, evaluate = mlm_setup(seed)
+    result = training.train(objective, loss_fn=models.objective_loss, batch_at=batch_at or data.batch_at,
+                            evaluate=evaluate, config=cfg, device=CPU, checkpoint_dir=checkpoint_dir, fingerprint="mlm")
+    return objective, result
+
+
+# --------------------------------------------------------------------------- learning
+def test_mlm_loss_falls_on_a_learnable_task():
+    # 40 distinct tokens out of 100: from uniform guessing (ln 100 = 4.61) the held-out loss
+    # must fall toward the corpus' unigram entropy (ln 40 = 3.69)
+    _, result = train_mlm(config(max_steps=40, lr=1e-2, warmup_steps=4, eval_every=40, log_every=5))
+    losses = [row["loss"] for row in result.history["train"]]
+    assert losses[-1] < 0.88 * losses[0]
+    assert result.final_metrics["val_loss"] < 4.0
+
+
+def test_accumulation_matches_one_big_batch():
+    def big(step, micro, rank, world):
+        a, b = regression_batch(step, 0, 0, 1, 8), regression_batch(step, 1, 0, 1, 8)
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+
+    cfg = config(max_steps=6, clip_norm=None)
+    one = run(_no_dropout(regression_model()), cfg, batch_at=big).state
+    two = run(_no_dropout(regression_model()), config(max_steps=6, clip_norm=None, grad_accum=2),
+              batch_at=lambda s, m, r, w: regression_batch(s, m, r, w, 8)).state
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)
+
+
+def _no_dropout(model):
+    model[2].p = 0.0
+    return model
+
+
+# --------------------------------------------------------------------------- determinism and resume
+def test_same_seed_twice_gives_identical_weights():
+    first = run(regression_model(), config()).state
+    second = run(regression_model(), config()).state
+    assert state_bytes(first) == state_bytes(second)
+
+
+def test_resume_after_crash_gives_identical_weights(tmp_path):
+    cfg = config(max_steps=9, eval_every=4, checkpoint_every=3, lr=5e-3)
+    _, uninterrupted = train_mlm(cfg)
+
+    def crash_at_step_7(step, micro, rank, world):
+        if step == 7:
+            raise RuntimeError("simulated crash")
+        return data.batch_at(step, micro, rank, world)
+
+    _, data, _ = mlm_setup()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_mlm(cfg, tmp_path, batch_at=crash_at_step_7)
+    assert torch.load(tmp_path / training.CHECKPOINT_FILE, weights_only=True)["step"] == 6
+    torch.manual_seed(1234)  # the resumed process starts from other RNG states
+    _, resumed = train_mlm(cfg, tmp_path)
+    assert resumed.resumed_from == 6 and resumed.steps == 9
+    assert state_bytes(resumed.state) == state_bytes(uninterrupted.state)
+    assert resumed.history == uninterrupted.history | {"train": resumed.history["train"]}
+    assert [r["step"] for r in resumed.history["train"]] == [r["step"] for r in uninterrupted.history["train"]]
+
+
+VICTIM = textwrap.dedent('''
+    import sys, time
+    import torch
+    from tests.unit.test_training import regression_model, regression_batch, mse, regression_eval, config
+    from lmpipe import training
+    torch.set_num_threads(1)
+    ckpt, hung = sys.argv[1], sys.argv[2]
+
+    def batch_at(step, micro, rank, world):
+        if step == 7:  # after the step-6 checkpoint: announce, then wait for SIGKILL
+            open(hung, "w").close()
+            time.sleep(600)
+        return regression_batch(step, micro, rank, world)
+
+    training.train(regression_model(), loss_fn=mse, batch_at=batch_at, evaluate=regression_eval,
+                   config=config(max_steps=10), device=torch.device("cpu"), checkpoint_dir=ckpt, fingerprint="kill")
+''')
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path, project_root):
+    """A real process is SIGKILLed mid-run; a new run resumes it to the uninterrupted weights."""
+    hung, ckpt = tmp_path / "hung", tmp_path / "ckpt"
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(ckpt), str(hung)], cwd=project_root,
+                              env={**os.environ, "PYTHONPATH": str(project_root)}, stderr=subprocess.PIPE)
+    reference = run(regression_model(), config(max_steps=10), fingerprint="kill")  # meanwhile, in-process
+    deadline = time.monotonic() + 120
+    while not hung.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert victim.poll() is None, victim.stderr.read().decode()
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    torch.manual_seed(99)  # the resuming process has other RNG states
+    resumed = run(regression_model(seed=5), config(max_steps=10), ckpt, fingerprint="kill")
+    assert resumed.resumed_from == 6 and resumed.steps == 10
+    assert state_bytes(resumed.state) == state_bytes(reference.state)
+
+
+def test_checkpoint_with_another_fingerprint_is_not_resumed(tmp_path):
+    run(regression_model(), config(max_steps=6), tmp_path, fingerprint="old-data")
+    fresh = run(regression_model(), config(max_steps=6), tmp_path, fingerprint="new-data")
+    assert fresh.resumed_from == 0
+    assert state_bytes(fresh.state) == state_bytes(run(regression_model(), config(max_steps=6)).state)
+    again = run(regression_model(), config(max_steps=6), tmp_path, fingerprint="new-data")
+    assert again.resumed_from == 6  # the mismatched checkpoint was overwritten
+
+
+def test_another_config_does_not_resume(tmp_path):
+    run(regression_model(), config(max_steps=6), tmp_path)
+    assert run(regression_model(), config(max_steps=6, lr=2e-2), tmp_path).resumed_from == 0
+
+
+def test_finished_run_returns_from_its_checkpoint_without_training(tmp_path):
+    first = run(regression_model(), config(), tmp_path)
+
+    def no_batches(*args):
+        raise AssertionError("a finished run must not train again")
+
+    again = run(regression_model(seed=9), config(), tmp_path, batch_at=no_batches)
+    assert again.resumed_from == 12 and again.steps == 12
+    assert state_bytes(again.state) == state_bytes(first.state)
+    assert again.final_metrics == first.final_metrics and str(again.history) == str(first.history)
+
+
+# --------------------------------------------------------------------------- optimisation pieces
+def test_frozen_params_stay_unchanged():
+    model = regression_model()
+    for param in model[0].parameters():
+        param.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = run(model, config())
+    assert torch.equal(result.state["0.weight"], before["0.weight"])
+    assert torch.equal(result.state["0.bias"], before["0.bias"])
+    assert not torch.equal(result.state["3.weight"], before["3.weight"])
+
+
+def test_weight_decay_groups_exclude_biases_and_norm_weights():
+    objective, _, _ = mlm_setup()
+    decay, keep = training.param_groups(objective, 0.01)
+    names = {id(p): n for n, p in objective.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in keep["params"]}
+    assert decay["weight_decay"] == 0.01 and keep["weight_decay"] == 0.0
+    assert all(n.endswith("weight") and "LayerNorm" not in n for n in decayed)
+    assert "mlm.bert.embeddings.word_embeddings.weight" in decayed
+    assert "mlm.bert.encoder.layer.0.attention.self.query.weight" in decayed
+    assert {"mlm.bert.embeddings.LayerNorm.weight", "mlm.bert.encoder.layer.0.output.dense.bias",
+            "mlm.cls.predictions.bias"} <= kept
+    assert len(decayed) + len(kept) == len(list(objective.parameters()))
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
+    cfg = config(max_steps=11, warmup_steps=4, min_lr_ratio=0.1)
+    factors = [training.lr_factor(s, cfg) for s in range(11)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factors[-1] == pytest.approx(0.1)
+    middle = 4 + (10 - 4) / 2
+    assert training.lr_factor(int(middle), cfg) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+
+
+def test_logged_lr_follows_the_schedule(tmp_path):
+    result = run(regression_model(), config(log_every=1))
+    logged = [row["lr"] for row in result.history["train"]]
+    assert logged == pytest.approx([1e-2 * training.lr_factor(s, config()) for s in range(12)])
+
+
+def test_clipping_caps_the_update_norm():
+    model = _no_dropout(regression_model())
+    before = [p.detach().clone() for p in model.parameters()]
+    result = run(model, config(max_steps=1, warmup_steps=0, clip_norm=1e-3, weight_decay=0.0, lr=1.0))
+    assert result.history["train"][0]["grad_norm"] > 1e-3  # the raw norm is what gets logged
+    # AdamW's first step moves each weight by ~lr whatever the gradient scale: clipping must
+    # not have zeroed the update
+    moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(model.parameters(), before))
+    assert moved > 0
+
+
+# --------------------------------------------------------------------------- early stopping, outputs
+def test_early_stopping_keeps_the_best_weights_and_stops_after_patience():
+    snapshots, values = {}, iter([3.0, 1.0, 2.0, 2.5, 0.5, 0.1])
+
+    def evaluate(model):
+        value = next(values)
+        snapshots[value] = {k: v.clone() for k, v in model.state_dict().items()}
+        return {"val_loss": value, "val_accuracy": -value}
+
+    model = regression_model()
+    result = training.train(model, loss_fn=mse, batch_at=regression_batch, evaluate=evaluate,
+                            config=config(max_steps=40, eval_every=2, early_stopping_metric="val_loss", patience=2),
+                            device=CPU)
+    assert result.stopped_early and result.steps == 8 and result.best_step == 4
+    assert result.best_metrics["val_loss"] == 1.0 and result.final_metrics["val_loss"] == 2.5
+    assert state_bytes(result.state) == state_bytes(snapshots[1.0])
+    assert state_bytes(model.state_dict()) == state_bytes(snapshots[1.0])
+
+
+def test_higher_is_better_metric():
+    values = iter([0.5, 0.7, 0.6])
+    result = training.train(regression_model(), loss_fn=mse, batch_at=regression_batch,
+                            evaluate=lambda m: {"acc": next(values)},
+                            config=config(max_steps=6, eval_every=2, early_stopping_metric="acc", higher_is_better=True),
+                            device=CPU)
+    assert result.best_step == 4 and result.best_metrics == {"acc": 0.7} and not result.stopped_early
+
+
+def test_unknown_early_stopping_metric_names_the_keys():
+    with pytest.raises(LmpipeError, match=r"'val_f1' is not one of \['val_loss'\]"):
+        run(regression_model(), config(early_stopping_metric="val_f1"))
+
+
+def test_curves_and_tracker_get_every_row(tmp_path):
+    class Sink:
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append((step, dict(metrics)))
+
+    sink = Sink()
+    run(regression_model(), config(), tracker=sink, curves_dir=tmp_path, flops_per_token=100.0, peak_flops=1e9)
+    with open(tmp_path / "train_curve.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == list(training.TRAIN_COLUMNS)
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert all(float(r["tokens_per_s"]) > 0 and 0 < float(r["mfu"]) for r in rows)
+    with open(tmp_path / "eval_curve.csv") as handle:
+        assert [r["step"] for r in csv.DictReader(handle)] == ["4", "8", "12"]
+    train_steps = [s for s, m in sink.calls if "train_loss" in m]
+    eval_steps = [s for s, m in sink.calls if "val_loss" in m]
+    assert train_steps == [2, 4, 6, 8, 10, 12] and eval_steps == [4, 8, 12]
+    assert {"train_loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(sink.calls[0][1])
+
+
+def test_diverging_loss_stops_with_an_actionable_error():
+    def nan_loss(model, batch):
+        return model(batch["x"]).sum() * float("nan"), 1
+
+    with pytest.raises(LmpipeError, match="diverged at step 1"):
+        training.train(regression_model(), loss_fn=nan_loss, batch_at=regression_batch,
+                       evaluate=regression_eval, config=config(), device=CPU)
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="precision"):
+        config(precision="fp16")
+
+
+def test_precision_auto_is_fp32_on_cpu():
+    assert training.resolve_precision("auto", CPU) == "fp32"
+    assert training.resolve_precision("bf16", CPU) == "bf16"
