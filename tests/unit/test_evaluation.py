@@ -117,6 +117,13 @@ def result(project):
     return E.evaluate(test, models, pretrained=project / "models/pretrained", settings=SETTINGS, seed=0)
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """One SQLite MLflow store for the module's MLflow tests (creating one costs ~5 s);
+    each test uses its own experiment."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -274,10 +281,10 @@ def test_multiclass_reports_write_one_vs_rest_roc_per_class(tmp_path):
     assert (tmp_path / "plots/roc.png").is_file()
 
 
-def test_find_producer_run_takes_the_latest_finished_run_with_that_hash(tracking_uri):
+def test_find_producer_run_takes_the_latest_finished_run_with_that_hash(store):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(store)
     exp = client.create_experiment("lineage")
     tag = "dvc.out.models/finetuned/tiny"
 
@@ -295,7 +302,7 @@ def test_find_producer_run_takes_the_latest_finished_run_with_that_hash(tracking
     assert E.find_producer_run(client, exp, "models/other", "aaa.dir") is None
 
 
-def test_stage_logs_all_params_flat_metrics_artifacts_and_upstream_runs(project, tmp_path, tracking_uri, monkeypatch):
+def test_stage_logs_all_params_flat_metrics_artifacts_and_upstream_runs(project, tmp_path, store, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from lmpipe.lineage import dvc_md5
@@ -305,7 +312,8 @@ def test_stage_logs_all_params_flat_metrics_artifacts_and_upstream_runs(project,
     shutil.copytree(project, root)
     shutil.copy(Path(__file__).resolve().parents[2] / "params.yaml", root / "params.yaml")
     monkeypatch.chdir(root)
-    client = MlflowClient(tracking_uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    client = MlflowClient(store)
     exp = client.create_experiment("lmpipe")
     producers = {}
     for stage_name, path in (("preprocess", "data/processed"), ("finetune@tiny", "models/finetuned/tiny")):
