@@ -1,0 +1,117 @@
+"""A real copy of the project, a tiny params override, and the real `dvc` CLI.
+
+`pipeline` copies the project's tracked files into a temporary git repository, shrinks the
+params to a few-minute run on subsampled real IMDB data, runs the whole DAG with `dvc repro`
+once for the session, and hands the copy to the tests. Runs land in the copy's own
+`mlflow.db`, exactly where a user's would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = str(Path(sys.executable).parent)
+
+# Small enough for 2 cores, big enough that every metric is defined (both labels everywhere).
+TINY: dict[str, Any] = {
+    "preprocess": {"max_train": 600, "max_val": 80, "max_test": 120},
+    "tokenize": {"vocab_size": 1000},
+    "pretrain": {
+        "model": {"num_layers": 2, "hidden_size": 64, "num_heads": 2, "intermediate_size": 128, "max_length": 64},
+        "eval_batches": 2,
+        "optim": {"warmup_steps": 2},
+        "loop": {"max_steps": 8, "batch_size": 8, "eval_every": 4, "checkpoint_every": 4, "log_every": 2},
+    },
+    "finetune": {
+        "backbones": {
+            "scratch": {"max_steps": 8, "lr": 1e-3},
+            "minilm": {"max_steps": 4},
+        },
+        "max_length": 64,
+        "max_train_examples": 120,
+        "batch_size": 8,
+        "eval_every": 4,
+        "checkpoint_every": 4,
+    },
+    "baseline": {"max_features": 5000},
+    "evaluate": {"bootstrap_samples": 100},
+    "export": {"parity_samples": 16},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def env() -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
+    out.update(
+        PATH=f"{BIN}:{out.get('PATH', '')}",
+        DVC_NO_ANALYTICS="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        LMPIPE_RUN_GROUP="integration",
+        PYTHONUNBUFFERED="1",
+    )
+    return out
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {done.returncode}\n--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-6000:]}"
+        )
+    return done
+
+
+def dvc(*args: str, cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, check=check, timeout=timeout)
+
+
+def git(*args: str, cwd: Path) -> str:
+    return run(["git", "-c", "user.name=ci", "-c", "user.email=ci@example.invalid", *args], cwd=cwd).stdout
+
+
+def copy_project(dest: Path, override: dict | None = None) -> Path:
+    """Copy what git tracks (plus untracked, non-ignored files) and commit it in a new repo."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(merge(params, override or TINY), sort_keys=False))
+    for generated in ("reports",):  # the copy produces its own reports
+        shutil.rmtree(dest / generated, ignore_errors=True)
+        (dest / generated).mkdir()
+    git("init", "-q", "-b", "main", cwd=dest)
+    git("add", "-A", cwd=dest)
+    git("commit", "-qm", "copy", cwd=dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory) -> dict[str, Any]:
+    """The project copy after one full `dvc repro` on tiny params (with its timing)."""
+    path = copy_project(tmp_path_factory.mktemp("project"))
+    start = time.monotonic()
+    done = dvc("repro", cwd=path, timeout=1500)
+    return {"path": path, "seconds": time.monotonic() - start, "log": done.stdout + done.stderr}

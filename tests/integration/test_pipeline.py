@@ -1,0 +1,165 @@
+"""The whole DAG through the real `dvc` CLI on subsampled real IMDB data, in a project copy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from lmpipe.lineage import dvc_md5, read_lock
+
+from .conftest import dvc, git, run
+
+pytestmark = pytest.mark.integration
+
+STAGES = {
+    "fetch", "fetch_backbone", "preprocess", "tokenize", "pretrain",
+    "finetune@scratch", "finetune@minilm", "baseline", "evaluate", "export",
+}
+
+
+def runs_by_stage(path):
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lmpipe")
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    by_stage: dict[str, list] = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags["lmpipe.stage"], []).append(r)
+    return by_stage
+
+
+def test_repro_writes_every_output_and_a_complete_lock(pipeline):
+    path = pipeline["path"]
+    lock = read_lock(path)
+    assert set(lock) == STAGES
+    for name, entry in lock.items():
+        for out in entry["outs"]:
+            assert (path / out["path"]).exists(), f"{name}: {out['path']} missing"
+            assert dvc_md5(path / out["path"]) == out["md5"], out["path"]
+    assert (path / "data/processed/train.parquet").exists()
+    assert json.loads((path / "data/tokens/meta.json").read_text())["train"]["tokens"] > 0
+    status = dvc("status", "--json", cwd=path).stdout
+    assert json.loads(status) == {}, status
+
+
+def test_second_repro_runs_nothing(pipeline):
+    out = dvc("repro", cwd=pipeline["path"]).stdout
+    assert "Running stage" not in out
+    assert "didn't change, skipping" in out
+
+
+def test_every_stage_logged_one_finished_run_with_hash_tags(pipeline):
+    path = pipeline["path"]
+    by_stage = runs_by_stage(path)
+    assert set(by_stage) == STAGES
+    lock = read_lock(path)
+    for stage, runs in by_stage.items():
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        assert len(finished) >= 1, stage
+        run = finished[0]
+        assert run.data.tags["lmpipe.group"] == "integration"
+        first_out = lock[stage]["outs"][0]
+        assert run.data.tags[f"dvc.out.{first_out['path']}"] == first_out["md5"], stage
+    for stage in ("preprocess", "tokenize", "pretrain", "finetune@scratch", "baseline", "evaluate", "export"):
+        assert by_stage[stage][0].data.metrics, f"{stage} logged no metrics"
+    evaluate = by_stage["evaluate"][0]
+    assert "finetune.backbones.minilm.lr" in evaluate.data.params  # every upstream param
+    assert "pretrain.optim.lr" in evaluate.data.params
+
+
+def test_dvc_metrics_show_lists_the_headline_metrics(pipeline):
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=pipeline["path"]).stdout)
+    text = json.dumps(shown)
+    assert "reports/evaluate/metrics.json" in text
+    for key in ("accuracy", "f1", "roc_auc", "ece", "val_perplexity"):
+        assert key in text, key
+
+
+def test_forced_rerun_of_data_stages_gives_identical_bytes(pipeline):
+    path = pipeline["path"]
+    before = read_lock(path)
+    for stage in ("preprocess", "tokenize"):
+        dvc("repro", "-f", "-s", stage, cwd=path)
+    after = read_lock(path)
+    for stage in ("preprocess", "tokenize"):
+        assert after[stage]["outs"] == before[stage]["outs"], stage
+
+
+def test_exp_run_reruns_only_what_depends_on_the_param_and_logs_to_the_same_store(pipeline):
+    path = pipeline["path"]
+    git("add", "-A", cwd=path)
+    git("commit", "-qm", "after repro", cwd=path)
+    before = runs_by_stage(path)
+    dvc("exp", "run", "--temp", "-n", "smaller-val", "-S", "preprocess.max_val=60", "tokenize", cwd=path)
+    after = runs_by_stage(path)
+    new = {s for s in after if len(after[s]) > len(before.get(s, []))}
+    assert new == {"preprocess", "tokenize"}
+    tagged = [r for r in after["preprocess"] if r.data.tags.get("dvc.exp_name") == "smaller-val"]
+    assert tagged and tagged[0].info.status == "FINISHED"
+    shown = dvc("exp", "show", "--json", cwd=path).stdout
+    assert "smaller-val" in shown
+
+
+def test_audit_passes_on_a_fresh_pipeline(pipeline):
+    path = pipeline["path"]
+    done = run([sys.executable, "-m", "lmpipe.cli", "audit", "--json"], cwd=path)
+    report = json.loads(done.stdout)
+    assert report["ok"], report["problems"]
+    names = [s["name"] for s in report["stages"]]
+    assert names[0] in ("fetch", "fetch_backbone") and names[-1] == "export"
+    assert {"preprocess", "tokenize", "pretrain", "finetune@scratch"} <= set(names)
+    assert any(s["mlflow_runs"] for s in report["stages"])
+
+
+def test_audit_names_a_changed_weights_file(pipeline):
+    path = pipeline["path"]
+    weights = path / "models/export/hf/model.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        done = run([sys.executable, "-m", "lmpipe.cli", "audit"], cwd=path, check=False)
+        assert done.returncode == 1
+        assert "models/export/hf/model.safetensors changed" in done.stdout
+    finally:
+        weights.write_bytes(original)
+
+
+def test_audit_reports_a_stage_made_stale_by_a_param_change(pipeline):
+    path = pipeline["path"]
+    params_file = path / "params.yaml"
+    original = params_file.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["finetune"]["backbones"]["scratch"]["lr"] = 0.123
+        params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+        done = run([sys.executable, "-m", "lmpipe.cli", "audit"], cwd=path, check=False)
+        assert done.returncode == 1
+        assert "finetune@scratch: stale: param finetune.backbones.scratch" in done.stdout
+    finally:
+        params_file.write_text(original)
+
+
+def test_push_clone_pull_restores_every_output_and_the_audit_passes(pipeline, tmp_path):
+    path = pipeline["path"]
+    remote = tmp_path / "remote"
+    dvc("remote", "modify", "--local", "storage", "url", str(remote), cwd=path)
+    dvc("push", cwd=path)
+    git("add", "-A", cwd=path)
+    git("commit", "-qm", "pipeline outputs", "--allow-empty", cwd=path)
+    fresh = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(path), str(fresh)], check=True)
+    dvc("remote", "modify", "--local", "storage", "url", str(remote), cwd=fresh)
+    dvc("pull", cwd=fresh)
+    status = json.loads(dvc("status", "--json", cwd=fresh).stdout)
+    assert status == {}, status  # nothing to rerun
+    done = run([sys.executable, "-m", "lmpipe.cli", "audit", "--no-mlflow"], cwd=fresh)
+    assert "OK:" in done.stdout
+    assert (fresh / "models/export/hf/model.safetensors").read_bytes() == (
+        path / "models/export/hf/model.safetensors"
+    ).read_bytes()
+    shutil.rmtree(fresh)
