@@ -1,0 +1,50 @@
+"""preprocess: clean, deduplicate and split the raw corpus into train / val / test.
+
+Reads:  data/raw/ (through its manifest.json), params `base.seed` and `preprocess`.
+Writes: data/processed/ = train.parquet, val.parquet, test.parquet (columns `text`, cleaned,
+        and `label`, int64 id), labels.json (`{"labels": [...]}`, index = id), corpus.txt
+        (the train split only, one document per line: the pretraining corpus);
+        reports/preprocess/metrics.json (data-quality figures).
+
+Features:
+- validation with one-line errors naming the file and row: empty or malformed file, missing
+  text/label column, bytes that are not UTF-8, a label outside `preprocess.labels`
+- cleaning: `<br />` -> space, other HTML tags removed, entities unescaped, Unicode NFKC,
+  whitespace collapsed; texts outside [min_chars, max_chars] dropped
+- exact duplicates removed after cleaning (the first kept; a text under two labels dropped
+  entirely), so no text can sit in two splits
+- stratified, seeded split; per-split caps as stratified subsamples; byte-identical outputs
+- metrics: rows in/out, drops per reason, per split rows, label shares, length quantiles
+"""
+
+from __future__ import annotations
+
+import re
+
+from lmpipe.data import SPLITS, preprocess, read_manifest
+from lmpipe.io import write_json
+from lmpipe.params import flatten, load_params
+from lmpipe.stage import run
+from lmpipe.tracking import stage_run
+
+RAW, OUT = "data/raw", "data/processed"
+METRICS = "reports/preprocess/metrics.json"
+
+
+def main() -> None:
+    params = load_params()
+    read_manifest(RAW)
+    with stage_run(
+        "preprocess", params, sections=("preprocess",), inputs=(RAW,), outputs=(OUT, METRICS)
+    ) as tracker:
+        tracker.log_input(RAW, context="raw")
+        metrics = preprocess(RAW, OUT, params.preprocess, params.base.seed)
+        write_json(METRICS, metrics)
+        tracker.log_metrics({re.sub(r"[^\w./ -]", "_", k): v for k, v in flatten(metrics).items()})
+        for split in SPLITS:
+            tracker.log_input(f"{OUT}/{split}.parquet", context=split)
+        tracker.log_artifact(f"{OUT}/labels.json")
+
+
+if __name__ == "__main__":
+    run(main)
