@@ -24,6 +24,12 @@ def _tmp_sibling(path: Path, is_dir: bool) -> Path:
     return Path(name)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def remove(path: Path) -> None:
     """Delete a file or folder if it exists."""
     if path.is_dir() and not path.is_symlink():
@@ -39,6 +45,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _tmp_sibling(target, is_dir=False)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, target)
     except BaseException:
         remove(tmp)
@@ -55,7 +62,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _tmp_sibling(target, is_dir=True)
     try:
         yield tmp
-        os.chmod(tmp, 0o755)
+        os.chmod(tmp, 0o777 & ~_umask())
         if target.exists():
             old = _tmp_sibling(target, is_dir=True)
             os.rmdir(old)
