@@ -35,7 +35,10 @@ counter, the curve rows so far and a fingerprint. The fingerprint is the caller'
 (a hash of its params and inputs) combined with the TrainConfig and world size: a checkpoint
 with another fingerprint is ignored (and overwritten at the next checkpoint), never resumed.
 A resumed run yields byte-identical weights to an uninterrupted one on the same machine; a
-finished run's checkpoint makes a rerun return at once with the same result.
+finished run's checkpoint makes a rerun return at once with the same result. SIGTERM (a kill
+from DVC, torchrun or a scheduler) ends training at the next step boundary with a checkpoint
+of that step, then raises lmpipe.tracking.Terminated (the stage's run is marked KILLED); a
+second SIGTERM, or SIGKILL, stops at once and the last periodic checkpoint is the resume point.
 
 On return the model holds `TrainResult.state`: the best evaluated weights when early stopping
 is configured, else the final weights.
@@ -50,7 +53,9 @@ import json
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,6 +68,7 @@ from tqdm import tqdm
 from lmpipe import distributed
 from lmpipe.errors import LmpipeError
 from lmpipe.io import atomic_file
+from lmpipe.tracking import Terminated
 
 log = logging.getLogger("lmpipe.training")
 
@@ -316,6 +322,36 @@ def _nothing() -> Iterator[None]:
     yield
 
 
+class _DeferredTerm:
+    """SIGTERM during training ends the run at the next step boundary, after a checkpoint.
+
+    The first SIGTERM only sets a flag (so the optimizer step in flight completes and the
+    checkpoint is consistent); a second one raises at once. Under DDP the flag is summed over
+    ranks every step so all ranks stop at the same step. Only installed in the main thread.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: Any = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise Terminated(f"signal {signum}")
+        self.signum = signum
+
+    def requested(self, distributed_run: bool, device: torch.device) -> bool:
+        if distributed_run:
+            return distributed.all_reduce_sum([float(self.signum is not None)], device)[0] > 0
+        return self.signum is not None
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 # --------------------------------------------------------------------------- the loop
 def train(
     model: torch.nn.Module,
@@ -442,6 +478,7 @@ def train(
     )
     model.train()
     step = start
+    term = _DeferredTerm()
     try:
         while not done and step < config.max_steps:
             t0 = time.perf_counter()
@@ -532,9 +569,15 @@ def train(
             finished = stopped or step == config.max_steps
             if finished:
                 done = True
-            if step % config.checkpoint_every == 0 or finished:
+            saved = step % config.checkpoint_every == 0 or finished
+            if saved:
                 save(step)
+            if not finished and term.requested(info.enabled, device):
+                if not saved:
+                    save(step)
+                raise Terminated(f"signal {term.signum}: checkpoint at step {step}, rerun to resume")
     finally:
+        term.restore()
         bar.close()
 
     if config.early_stopping_metric is None or best_state is None:

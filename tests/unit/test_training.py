@@ -153,17 +153,19 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
 
 
 VICTIM = textwrap.dedent('''
-    import sys, time
+    import os, sys, time
     import torch
     from tests.unit.test_training import regression_model, regression_batch, mse, regression_eval, config
     from lmpipe import training
     torch.set_num_threads(1)
-    ckpt, hung = sys.argv[1], sys.argv[2]
+    ckpt, hung, go = sys.argv[1:4]
 
     def batch_at(step, micro, rank, world):
-        if step == 7:  # after the step-6 checkpoint: announce, then wait for SIGKILL
+        if step == 7:  # after the step-6 checkpoint: announce, wait for the signal
             open(hung, "w").close()
-            time.sleep(600)
+            deadline = time.monotonic() + 600
+            while not os.path.exists(go) and time.monotonic() < deadline:
+                time.sleep(0.02)
         return regression_batch(step, micro, rank, world)
 
     training.train(regression_model(), loss_fn=mse, batch_at=batch_at, evaluate=regression_eval,
@@ -171,21 +173,39 @@ VICTIM = textwrap.dedent('''
 ''')
 
 
-def test_resume_after_kill_gives_identical_weights(tmp_path, project_root):
-    """A real process is SIGKILLed mid-run; a new run resumes it to the uninterrupted weights."""
-    hung, ckpt = tmp_path / "hung", tmp_path / "ckpt"
-    victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(ckpt), str(hung)], cwd=project_root,
+def _signal_victim(tmp_path, project_root, signum):
+    """Run VICTIM in a real process, send it `signum` while it is in step 7; return its exit code."""
+    hung, go, ckpt = tmp_path / "hung", tmp_path / "go", tmp_path / "ckpt"
+    victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(ckpt), str(hung), str(go)], cwd=project_root,
                               env={**os.environ, "PYTHONPATH": str(project_root)}, stderr=subprocess.PIPE)
-    reference = run(regression_model(), config(max_steps=10), fingerprint="kill")  # meanwhile, in-process
     deadline = time.monotonic() + 120
     while not hung.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert victim.poll() is None, victim.stderr.read().decode()
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
+    victim.send_signal(signum)
+    time.sleep(0.2)
+    go.touch()
+    stderr = victim.communicate(timeout=60)[1].decode()
+    return victim.returncode, stderr, ckpt
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path, project_root):
+    """A real process is SIGKILLed mid-step; a new run resumes from the last periodic checkpoint."""
+    code, _, ckpt = _signal_victim(tmp_path, project_root, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    reference = run(regression_model(), config(max_steps=10), fingerprint="kill")
     torch.manual_seed(99)  # the resuming process has other RNG states
     resumed = run(regression_model(seed=5), config(max_steps=10), ckpt, fingerprint="kill")
     assert resumed.resumed_from == 6 and resumed.steps == 10
+    assert state_bytes(resumed.state) == state_bytes(reference.state)
+
+
+def test_sigterm_checkpoints_the_step_in_flight_then_resumes_identically(tmp_path, project_root):
+    code, stderr, ckpt = _signal_victim(tmp_path, project_root, signal.SIGTERM)
+    assert code != 0 and "Terminated: signal 15: checkpoint at step 8" in stderr
+    reference = run(regression_model(), config(max_steps=10), fingerprint="kill")
+    resumed = run(regression_model(seed=5), config(max_steps=10), ckpt, fingerprint="kill")
+    assert resumed.resumed_from == 8
     assert state_bytes(resumed.state) == state_bytes(reference.state)
 
 
