@@ -45,7 +45,7 @@ def main() -> dict[str, float]:
         "tokenize",
         params,
         sections=("tokenize",),
-        inputs=(str(PROCESSED),),
+        inputs=(str(CORPUS), str(VAL)),
         outputs=(str(TOKENIZER_DIR), str(TOKENS_DIR)),
     ) as tracker:
         with atomic_dir(TOKENIZER_DIR) as tokenizer_tmp, atomic_dir(TOKENS_DIR) as tokens_tmp:

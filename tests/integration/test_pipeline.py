@@ -87,7 +87,8 @@ def test_forced_rerun_of_data_stages_gives_identical_bytes(pipeline):
         dvc("repro", "-f", "-s", stage, cwd=path)
     after = read_lock(path)
     for stage in ("preprocess", "tokenize"):
-        assert after[stage]["outs"] == before[stage]["outs"], stage
+        data = lambda outs: [o for o in outs if not o["path"].startswith("reports/")]  # timings
+        assert data(after[stage]["outs"]) == data(before[stage]["outs"]), stage
 
 
 def test_exp_run_reruns_only_what_depends_on_the_param_and_logs_to_the_same_store(pipeline):
