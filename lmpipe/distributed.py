@@ -53,7 +53,9 @@ def current() -> DistInfo:
 def init_from_env(device: torch.device) -> tuple[DistInfo, torch.device]:
     """Open the process group when launched by torchrun (idempotent); return (info, device).
 
-    The device is `device` itself on CPU, `cuda:LOCAL_RANK` on CUDA.
+    The device is `device` itself on CPU, `cuda:LOCAL_RANK` on CUDA. On CPU the intra-op
+    threads set so far (base.threads) are shared among the LOCAL_WORLD_SIZE processes of the
+    machine, so 2 processes on 2 cores run 1 thread each instead of fighting over the cores.
     """
     info = env_info()
     if not info.enabled:
@@ -61,6 +63,9 @@ def init_from_env(device: torch.device) -> tuple[DistInfo, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(info.local_rank)
         device = torch.device("cuda", info.local_rank)
+    elif not dist.is_initialized():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+        torch.set_num_threads(max(1, torch.get_num_threads() // local_world))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return current(), device

@@ -18,8 +18,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -121,6 +123,24 @@ class MLMBatches:
         self.train_tokens, self.val_tokens = train_tokens, val_tokens
         self.batch_size, self.grad_accum, self.eval_batches = batch_size, grad_accum, eval_batches
         self.seed, self.cls_id, self.sep_id, self.masking = seed, cls_id, sep_id, masking
+
+    @classmethod
+    def from_tokens_dir(cls, tokens_dir: str | Path, pretrain: Any, seed: int) -> tuple["MLMBatches", dict]:
+        """Batches over `<tokens_dir>/{train,val}.bin` shaped by a `params.pretrain` section;
+        returns (batches, meta.json) with every special id read from meta.json."""
+        from lmpipe.tokenization import load_token_split
+
+        train_tokens, _ = load_token_split(tokens_dir, "train")
+        val_tokens, _ = load_token_split(tokens_dir, "val")
+        meta = json.loads((Path(tokens_dir) / "meta.json").read_text(encoding="utf-8"))
+        special = meta["special_tokens"]
+        config = MaskingConfig(pretrain.mask_prob, pretrain.mask_replace, pretrain.random_replace,
+                               special["mask"], meta["vocab_size"], tuple(sorted(set(special.values()))))
+        batches = cls(train_tokens, val_tokens, max_length=pretrain.model.max_length,
+                      batch_size=pretrain.loop.batch_size, grad_accum=pretrain.loop.grad_accum,
+                      eval_batches=pretrain.eval_batches, seed=seed, cls_id=special["cls"],
+                      sep_id=special["sep"], masking=config)
+        return batches, meta
 
     def _make(self, tokens: np.ndarray, starts: Sequence[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
         ids = windows(tokens, starts, self.window, self.cls_id, self.sep_id)

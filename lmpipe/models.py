@@ -111,7 +111,10 @@ def save_mlm(mlm: BertForMaskedLM, tokenizer_dir: str | Path, out_dir: str | Pat
     The copied tokenizer_config.json gets `model_max_length` = the model's position count, so a
     tokenizer loaded from the folder never produces a sequence the model cannot embed.
     """
+    from transformers.utils import logging as hf_logging
+
     out_dir = Path(out_dir)
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in stage logs
     mlm.save_pretrained(out_dir)  # safetensors is the transformers 5 format
     for item in sorted(Path(tokenizer_dir).iterdir()):
         if item.is_file() and not (out_dir / item.name).exists():

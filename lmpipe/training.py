@@ -299,8 +299,8 @@ def _fmt(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def load_checkpoint(checkpoint_dir: Path | None, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint in `checkpoint_dir` if its fingerprint matches, else None (logged)."""
+def load_checkpoint(checkpoint_dir: Path | None, fingerprint: str, quiet: bool = False) -> dict[str, Any] | None:
+    """The checkpoint in `checkpoint_dir` if its fingerprint matches, else None (logged unless quiet)."""
     if checkpoint_dir is None:
         return None
     path = Path(checkpoint_dir) / CHECKPOINT_FILE
@@ -309,10 +309,12 @@ def load_checkpoint(checkpoint_dir: Path | None, fingerprint: str) -> dict[str, 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unreadable: treat as absent; it is overwritten at the next checkpoint
-        log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
+        if not quiet:
+            log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
         return None
     if state.get("fingerprint") != fingerprint:
-        log.info("ignoring checkpoint %s: it belongs to another configuration or input", path)
+        if not quiet:
+            log.info("ignoring checkpoint %s: it belongs to another configuration or input", path)
         return None
     return state
 
@@ -402,7 +404,7 @@ def train(
     eval_rows: list[dict[str, float]] = []
     tokens_run, train_seconds = 0.0, 0.0
 
-    ckpt = load_checkpoint(checkpoint_dir, fp)
+    ckpt = load_checkpoint(checkpoint_dir, fp, quiet=not info.is_main)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
