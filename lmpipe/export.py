@@ -15,13 +15,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -38,6 +40,7 @@ LATENCY_BATCH1_TEXTS = 16  # texts timed one by one (after 2 warm-up calls)
 LATENCY_BATCH32_TEXTS = 64  # texts timed in batches of 32 (after 1 warm-up batch)
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 SERVE_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "numpy", "pandas")
+EXAMPLE_TEXTS = ["A tender, funny film with a great cast.", "Two hours I will never get back."]
 
 
 @dataclass
@@ -46,7 +49,6 @@ class ExportResult:
     onnx_inputs: list[str]
     labels: list[str]
     encoding: dict[str, Any]
-    sample_texts: list[str] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- selection
@@ -175,7 +177,7 @@ def build_export(source: Path, out: Path, processed: Path, cfg: Any, *, seed: in
     sizes = {k: round(f.stat().st_size / 1e6, 3) for k, f in files.items() if f.is_file()}
     metrics = {"parity": parity, "latency_ms": latency, "size_mb": sizes}
     encoding = read_json(hf / ENCODING_FILE)
-    return ExportResult(metrics, names, labels, encoding, texts[:2])
+    return ExportResult(metrics, names, labels, encoding)
 
 
 # --------------------------------------------------------------------------- card
@@ -220,13 +222,27 @@ def write_card(
 
 
 # --------------------------------------------------------------------------- MLflow
+@contextlib.contextmanager
+def _environ(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
 def pip_requirements() -> list[str]:
     """Exact pins of what the served model imports (explicit: MLflow would otherwise infer them)."""
     versions = model_card.package_versions(SERVE_PACKAGES)
-    return [f"{k}=={v}" for k, v in versions.items() if v]
+    # local labels (torch "2.13.0+cpu") are dropped: PyPI serves plain versions
+    return [f"{k}=={v.split('+')[0]}" for k, v in versions.items() if v]
 
 
-def publish(tracker: Any, export_dir: Path, registered_name: str, example_texts: Sequence[str]) -> str | None:
+def publish(tracker: Any, export_dir: Path, registered_name: str) -> str | None:
     """Log export_dir as an MLflow pyfunc model in the tracker's run and register it; the version.
 
     The model is logged as code (`lmpipe/pyfunc_model.py`, no pickle) with the `hf/` folder as
@@ -246,12 +262,15 @@ def publish(tracker: Any, export_dir: Path, registered_name: str, example_texts:
     outputs += [ColSpec("double", f"prob_{label}") for label in labels]
     signature = ModelSignature(inputs=Schema([ColSpec("string", "text")]), outputs=Schema(outputs))
     try:
-        info = Model.log(
-            artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=tracker.run_id,
-            python_model=str(PYFUNC_FILE), artifacts={"hf": str(export_dir / "hf")},
-            code_paths=[str(Path(__file__).parent)], pip_requirements=pip_requirements(),
-            signature=signature, input_example=pd.DataFrame({"text": list(example_texts)}),
-        )
+        # The logged model belongs to the run's experiment (MLflow otherwise files it under "0").
+        experiment_id = mlflow.MlflowClient().get_run(tracker.run_id).info.experiment_id
+        with _environ("MLFLOW_EXPERIMENT_ID", experiment_id):
+            info = Model.log(
+                artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=tracker.run_id,
+                python_model=str(PYFUNC_FILE), artifacts={"hf": str(export_dir / "hf")},
+                code_paths=[str(Path(__file__).parent)], pip_requirements=pip_requirements(),
+                signature=signature, input_example=pd.DataFrame({"text": EXAMPLE_TEXTS}),
+            )
         version = mlflow.register_model(info.model_uri, registered_name, await_registration_for=60)
     except Exception as exc:  # the tracker is a witness, never a reason to fail the export
         warnings.warn(f"MLflow model logging/registration failed: {exc}".splitlines()[0], stacklevel=2)

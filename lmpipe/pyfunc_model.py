@@ -16,19 +16,16 @@ Logging as code avoids pickling a class: loading needs no cloudpickle match and 
 MLflow forbids pickle deserialization.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 BATCH_SIZE = 32
 
 
 def _texts(model_input: Any) -> list[str]:
-    import pandas as pd
-
     if isinstance(model_input, pd.DataFrame):
         column = "text" if "text" in model_input.columns else model_input.columns[0]
         return [str(t) for t in model_input[column].tolist()]
@@ -45,12 +42,12 @@ def _texts(model_input: Any) -> list[str]:
 class TextClassifier(PythonModel):
     """Texts in, label + probabilities out, through `lmpipe.predict.Predictor` (torch)."""
 
-    def load_context(self, context: Any) -> None:
+    def load_context(self, context):
         from lmpipe.predict import Predictor
 
         self.predictor = Predictor(context.artifacts["hf"], backend="torch")
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # DataFrame: schema from the signature
         return self.predictor.predict(_texts(model_input), batch_size=BATCH_SIZE)
 
 

@@ -53,7 +53,7 @@ def main() -> None:
         tracker.log_metrics(flatten(result.metrics))
         tracker.log_artifact(Path(OUT) / "README.md")
         tracker.log_artifact(Path(OUT) / "lineage.json")
-        version = publish(tracker, Path(OUT), cfg.registered_name, result.sample_texts)
+        version = publish(tracker, Path(OUT), cfg.registered_name)
     parity = result.metrics["parity"]
     print(f"export: parity {parity}")
     print(f"export: latency ms/text {result.metrics['latency_ms']}, sizes MB {result.metrics['size_mb']}")
