@@ -30,7 +30,7 @@ count completed optimizer steps (1..max_steps).
 
 Checkpoints (`<checkpoint_dir>/checkpoint.pt`, written atomically by rank 0 every
 `checkpoint_every` steps and at the end) hold the model, optimizer, scheduler, every rank's RNG
-states (torch, numpy, python, cuda), the step, the best state and metric, the patience
+states (torch, numpy, python, cuda) and partial log window, the step, the best state and metric, the patience
 counter, the curve rows so far and a fingerprint. The fingerprint is the caller's `fingerprint`
 (a hash of its params and inputs) combined with the TrainConfig and world size: a checkpoint
 with another fingerprint is ignored (and overwritten at the next checkpoint), never resumed.
@@ -403,6 +403,7 @@ def train(
     train_rows: list[dict[str, float]] = []
     eval_rows: list[dict[str, float]] = []
     tokens_run, train_seconds = 0.0, 0.0
+    resumed_window: dict[str, float] | None = None
 
     ckpt = load_checkpoint(checkpoint_dir, fp, quiet=not info.is_main)
     if ckpt is not None:
@@ -421,7 +422,8 @@ def train(
         train_rows = [dict(r) for r in ckpt["train_rows"]]
         eval_rows = [dict(r) for r in ckpt["eval_rows"]]
         tokens_run, train_seconds = (float(x) for x in ckpt["totals"])
-        _set_rng_state(ckpt["rng"][info.rank])
+        resumed_window = {k: float(v) for k, v in ckpt["ranks"][info.rank]["window"].items()}
+        _set_rng_state(ckpt["ranks"][info.rank]["rng"])
         if info.is_main:
             log.info("resuming from %s at step %d", checkpoint_dir / CHECKPOINT_FILE, start)
         del ckpt
@@ -444,7 +446,7 @@ def train(
         return metrics
 
     def save(step: int) -> None:
-        rng = distributed.all_gather(_rng_state())
+        ranks = distributed.all_gather({"rng": _rng_state(), "window": dict(window)})
         if checkpoint_dir is None or not info.is_main:
             return
         payload = {
@@ -454,7 +456,7 @@ def train(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
-            "rng": rng,
+            "ranks": ranks,
             "best_state": best_state,
             "best_value": best_value,
             "best_step": best_step,
@@ -472,7 +474,7 @@ def train(
             torch.save(payload, tmp)
 
     # ---- timing: only training steps count (totals carry over a resume)
-    window = {"loss": 0.0, "steps": 0.0, "tokens": 0.0, "seconds": 0.0, "grad_norm": 0.0}
+    window = resumed_window or {"loss": 0.0, "steps": 0.0, "tokens": 0.0, "seconds": 0.0, "grad_norm": 0.0}
 
     bar = tqdm(
         total=config.max_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,

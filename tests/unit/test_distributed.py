@@ -106,7 +106,7 @@ def test_two_ranks_match_each_other_and_one_process_with_accumulation(tmp_path, 
     assert ranks[0]["best_metrics"] == single.best_metrics
     # only rank 0 writes: one checkpoint (with both ranks' RNG states), one set of curves
     checkpoint = torch.load(tmp_path / "ckpt" / training.CHECKPOINT_FILE, weights_only=True)
-    assert checkpoint["step"] == 6 and len(checkpoint["rng"]) == 2
+    assert checkpoint["step"] == 6 and len(checkpoint["ranks"]) == 2
     assert (tmp_path / "curves0" / "train_curve.csv").is_file() and not (tmp_path / "curves1").exists()
 
 

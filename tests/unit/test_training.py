@@ -169,7 +169,8 @@ VICTIM = textwrap.dedent('''
         return regression_batch(step, micro, rank, world)
 
     training.train(regression_model(), loss_fn=mse, batch_at=batch_at, evaluate=regression_eval,
-                   config=config(max_steps=10), device=torch.device("cpu"), checkpoint_dir=ckpt, fingerprint="kill")
+                   config=config(max_steps=10, log_every=5), device=torch.device("cpu"), checkpoint_dir=ckpt,
+                   fingerprint="kill")
 ''')
 
 
@@ -193,9 +194,9 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, project_root):
     """A real process is SIGKILLed mid-step; a new run resumes from the last periodic checkpoint."""
     code, _, ckpt = _signal_victim(tmp_path, project_root, signal.SIGKILL)
     assert code == -signal.SIGKILL
-    reference = run(regression_model(), config(max_steps=10), fingerprint="kill")
+    reference = run(regression_model(), config(max_steps=10, log_every=5), fingerprint="kill")
     torch.manual_seed(99)  # the resuming process has other RNG states
-    resumed = run(regression_model(seed=5), config(max_steps=10), ckpt, fingerprint="kill")
+    resumed = run(regression_model(seed=5), config(max_steps=10, log_every=5), ckpt, fingerprint="kill")
     assert resumed.resumed_from == 6 and resumed.steps == 10
     assert state_bytes(resumed.state) == state_bytes(reference.state)
 
@@ -203,10 +204,13 @@ def test_resume_after_kill_gives_identical_weights(tmp_path, project_root):
 def test_sigterm_checkpoints_the_step_in_flight_then_resumes_identically(tmp_path, project_root):
     code, stderr, ckpt = _signal_victim(tmp_path, project_root, signal.SIGTERM)
     assert code != 0 and "Terminated: signal 15: checkpoint at step 8" in stderr
-    reference = run(regression_model(), config(max_steps=10), fingerprint="kill")
-    resumed = run(regression_model(seed=5), config(max_steps=10), ckpt, fingerprint="kill")
+    reference = run(regression_model(), config(max_steps=10, log_every=5), fingerprint="kill")
+    resumed = run(regression_model(seed=5), config(max_steps=10, log_every=5), ckpt, fingerprint="kill")
     assert resumed.resumed_from == 8
     assert state_bytes(resumed.state) == state_bytes(reference.state)
+    # the step-10 curve row averages steps 6-10 although steps 6-8 ran in the killed process
+    assert [(r["step"], r["loss"]) for r in resumed.history["train"]] == [
+        (r["step"], r["loss"]) for r in reference.history["train"]]
 
 
 def test_checkpoint_with_another_fingerprint_is_not_resumed(tmp_path):
