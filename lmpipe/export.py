@@ -158,7 +158,7 @@ def build_export(source: Path, out: Path, processed: Path, cfg: Any, *, seed: in
             parity[f"{key}_max_abs_logit_diff"] = float(np.abs(value - logits["torch"]).max())
             parity[f"{key}_agreement"] = float((value.argmax(axis=1) == logits["torch"].argmax(axis=1)).mean())
     if cfg.quantize:
-        parity["int8_accuracy_drop"] = parity["torch_accuracy"] - parity["int8_accuracy"]
+        parity["int8_accuracy_drop"] = round(parity["torch_accuracy"] - parity["int8_accuracy"], 9)
     log.info("parity: %s", parity)
     if not parity["onnx_max_abs_logit_diff"] <= cfg.max_logit_diff:  # `not <=` also catches NaN
         raise LmpipeError(

@@ -30,13 +30,17 @@ PACKAGES = (
     "onnxruntime", "mlflow", "dvc", "scikit-learn", "pandas", "numpy", "pyarrow",
 )
 
-# What each packaged corpus is (fetch.source -> name, language, domain, licence note).
+# What each corpus is: fetch.source -> (name, language, domain, known biases).
 SOURCES = {
-    "imdb": ("IMDB 50K movie reviews", "en", "English movie reviews from IMDB"),
-    "rotten_tomatoes": ("Rotten Tomatoes review snippets", "en", "English movie-review snippets from Rotten Tomatoes"),
-    "bbc_news": ("BBC News articles (5 topics)", "en", "English BBC news articles from 2004-2005"),
-    "file": ("a user-supplied labelled file", None, "the user's own texts"),
+    "imdb": ("IMDB 50K movie reviews", "en", "English movie reviews from IMDB",
+             "who writes reviews, which films get reviewed, polar ratings only (no neutral reviews)"),
+    "rotten_tomatoes": ("Rotten Tomatoes review snippets", "en", "English movie-review snippets from Rotten Tomatoes",
+                        "professional critics only, one-sentence snippets, fresh/rotten as the source labelled them"),
+    "bbc_news": ("BBC News articles (5 topics)", "en", "English BBC news articles from 2004-2005",
+                 "one British outlet, two years, five topics: any other topic is forced into one of them"),
+    "file": ("a user-supplied labelled file", None, "the user's own texts", "those of the file and its labelling"),
 }
+UNKNOWN_SOURCE = ("unrecorded data", None, "the training texts", "unknown: the data source is not in dvc.lock")
 METRIC_NAMES = ("accuracy", "f1", "precision", "recall", "roc_auc", "ece")
 
 
@@ -156,10 +160,10 @@ def _param(stages: dict[str, Any], stage: str, key: str) -> Any:
     return None
 
 
-def describe_source(stages: dict[str, Any]) -> tuple[str, str | None, str, str]:
-    """(dataset name, language, domain, provenance) of the training data, from the fetch stage."""
+def describe_source(stages: dict[str, Any]) -> tuple[str, str | None, str, str, str]:
+    """(name, language, domain, biases, provenance) of the training data, from the fetch stage."""
     source = _param(stages, "fetch", "fetch.source")
-    name, language, domain = SOURCES.get(source, ("unknown data (no fetch stage in dvc.lock)", None, "unknown texts"))
+    name, language, domain, biases = SOURCES.get(source, UNKNOWN_SOURCE)
     package = _param(stages, "fetch", f"fetch.packages.{source}") if source else None
     if source == "file":
         where = _param(stages, "fetch", "fetch.file") or {}
@@ -167,8 +171,8 @@ def describe_source(stages: dict[str, Any]) -> tuple[str, str | None, str, str]:
     elif isinstance(package, dict):
         provenance = f"{package.get('member')} in the {package.get('name')}=={package.get('version')} wheel (sha256 {package.get('sha256')})"
     else:
-        provenance = "not recorded"
-    return name, language, domain, provenance
+        provenance = "provenance not recorded"
+    return name, language, domain, biases, provenance
 
 
 def describe_base(stages: dict[str, Any], backbone: str, mode: str) -> str:
@@ -215,7 +219,8 @@ def render_card(
     """The model card: YAML front matter + markdown body, deterministic for a given lineage."""
     stages = lineage["stages"]
     model = lineage["model"]
-    dataset, language, domain, provenance = describe_source(stages)
+    dataset, language, domain, biases, provenance = describe_source(stages)
+    packaged = _param(stages, "fetch", "fetch.source") in set(SOURCES) - {"file"}
     base = describe_base(stages, model["name"], str(encoding.get("mode", "?")))
     on_test = test_metrics is not None
     shown = test_metrics if on_test else {k.removeprefix("val_"): v for k, v in val_metrics.items()}
@@ -257,7 +262,7 @@ def render_card(
     )
     out.append("## Intended use\n")
     out.append(
-        f"Labelling {domain} as {' / '.join(labels)}: batch scoring of reviews, comparing "
+        f"Labelling {domain} as {' / '.join(labels)}: batch scoring of such texts, comparing "
         "pipeline runs, and as a reproducible, auditable example of the workflow. It is not meant "
         "for decisions about people, content moderation, or text unlike its training data.\n"
     )
@@ -270,17 +275,22 @@ def render_card(
         f"- Each text is cut to {encoding.get('max_length')} tokens keeping {how}; the middle of a long "
         "text is never seen. `transformers.pipeline` cuts head-only (with `truncation=True`), so it "
         "can differ from `lmpipe predict` on long texts.\n"
-        f"- Data: {domain}. Other domains, languages, sarcasm, mixed or neutral opinions are out of "
-        "distribution; the labels are the source's own and carry its biases (who writes reviews, "
-        "which films get reviewed, polar ratings only).\n"
+        f"- Data: {domain}. Other domains and languages, sarcasm, mixed or neutral texts are out of "
+        f"distribution; the labels are the source's own and carry its biases ({biases}).\n"
         "- Probabilities are not guaranteed to be calibrated (see ECE below).\n"
     )
     out.append("## Licence\n")
-    out.append(
-        f"`license: other`: the code is the project's; the training data ({provenance}) is "
-        "redistributed by its package without a stated licence, so the weights inherit an "
-        "unknown licence. Check the data's terms before any use beyond research.\n"
-    )
+    if packaged:
+        out.append(
+            f"`license: other`: the training data ({provenance}) is redistributed by its package "
+            "without a stated licence, so the weights inherit an unknown licence. Check the "
+            "data's terms before any use beyond research.\n"
+        )
+    else:
+        out.append(
+            f"`license: other`: the licence of the training data ({provenance}) is not recorded; "
+            "the weights inherit it. State it here before sharing the model.\n"
+        )
     out.append("## Evaluation\n")
     if on_test:
         out.append(f"On the held-out test split (`reports/evaluate/metrics.json`), 95% bootstrap intervals:\n")
