@@ -9,8 +9,9 @@ Logged by `lmpipe.export.publish` with:
 
 Input: a DataFrame with a `text` column (also a list of strings or a Series).
 Output: a DataFrame with `label`, `score` (probability of that label) and `prob_<label>` for
-every label. Serving accepts `{"dataframe_records": [{"text": "..."}]}` or
-`{"dataframe_split": {"columns": ["text"], "data": [["..."]]}}` on /invocations.
+every label. Serving accepts on /invocations `{"dataframe_records": [{"text": "..."}]}`,
+`{"dataframe_split": {"columns": ["text"], "data": [["..."]]}}` or `{"inputs": ["...", "..."]}`
+and answers `{"predictions": [{"label": ..., "score": ..., "prob_<label>": ...}, ...]}`.
 
 Logging as code avoids pickling a class: loading needs no cloudpickle match and works where
 MLflow forbids pickle deserialization.

@@ -109,10 +109,11 @@ def test_registered_export_is_served_by_mlflow(tmp_path, tracking_uri, monkeypat
         wait_for_ping(url, server, log)
         records = post(url + "/invocations", {"dataframe_records": [{"text": t} for t in TEXTS]})
         split = post(url + "/invocations", {"dataframe_split": {"columns": ["text"], "data": [[t] for t in TEXTS]}})
+        inputs = post(url + "/invocations", {"inputs": TEXTS})
     finally:
         stop(server)
     assert server.returncode is not None
-    for answer in (records, split):
+    for answer in (records, split, inputs):
         predictions = answer["predictions"]
         assert len(predictions) == 2
         assert [p["label"] for p in predictions] == expected["label"].tolist()
