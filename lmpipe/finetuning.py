@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -427,6 +428,10 @@ def save_classifier(model: Any, tokenizer: Any, out_dir: str | Path, info: dict[
     tokenizer.name_or_path = ""
     tokenizer.save_pretrained(out_dir)
     write_json(out_dir / INFO_FILE, info)
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in out_dir.iterdir():  # some writers use 0600 temp files; give what open() gives
+        path.chmod(0o666 & ~mask)
 
 
 def load_classifier(model_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
