@@ -1,0 +1,78 @@
+"""bench/: every benchmark side runs a micro configuration, so the bench code cannot rot silently.
+
+Nothing here is timed against a threshold: the checks are that each side runs through the
+project's real code and its peer, and that the two sides of a comparison did the same work
+(same losses at the first step, same token counts, same logits).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench import common, inference, mlm_throughput, run, tokenize_speed
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_state():
+    """The sides call lmpipe.stage.setup_torch (threads, deterministic kernels): undo it."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def test_mlm_sides_do_the_same_work_and_report_throughput():
+    config = mlm_throughput.default_config(quick=True)
+    results = {side: mlm_throughput.run_side(side, config) for side in mlm_throughput.SIDES}
+    for side, r in results.items():
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_rss_mb"] > 0, side
+        assert len(r["step_seconds"]) == config["steps"]
+        assert all(math.isfinite(r[k]) for k in ("loss_first", "loss_mean", "loss_last")), side
+    # same weights, same windows, same masks: the masked-only head's loss IS the full head's
+    assert results["ours"]["loss_first"] == pytest.approx(results["ours_full"]["loss_first"], rel=1e-5)
+    # the peer masks with its own generator: same magnitude (random ids: ~ln(vocab) for both)
+    assert results["peer"]["loss_first"] == pytest.approx(math.log(config["vocab_size"]), rel=0.1)
+    assert results["ours"]["loss_first"] == pytest.approx(math.log(config["vocab_size"]), rel=0.1)
+    assert results["ours"]["flops_per_token"] < results["ours_full"]["flops_per_token"]
+
+
+def test_tokenize_sides_produce_the_same_tokens(tmp_path):
+    config = {**tokenize_speed.default_config(quick=True), "tokenizer_dir": str(tmp_path / "tok")}
+    trained = {side: tokenize_speed.run_side(side, config) for side in tokenize_speed.TRAIN_SIDES}
+    assert all(r["train_seconds"] > 0 and r["vocab"] <= config["vocab_size"] for r in trained.values())
+    assert (tmp_path / "tok" / "tokenizer.json").is_file()
+    encoded = {side: tokenize_speed.run_side(side, config) for side in tokenize_speed.ENCODE_SIDES}
+    assert encoded["encode_ours"]["tokens"] == encoded["encode_peer"]["tokens"] > 0
+    assert all(r["mb_per_s"] > 0 for r in encoded.values())
+
+
+def test_inference_backends_time_the_same_model(tmp_path):
+    config = inference.default_config(quick=True)
+    facts = inference.prepare_standin(config, tmp_path)
+    assert "stand-in" in facts["model"]
+    config["model_dir"] = str(tmp_path)
+    results = {side: inference.run_side(side, config) for side in inference.BACKENDS}
+    for side, r in results.items():
+        assert r["batch1_ms"] > 0 and r["batch32_seq_per_s"] > 0, side
+    torch_logits = torch.tensor(results["torch"]["logits"])
+    torch.testing.assert_close(torch.tensor(results["onnx"]["logits"]), torch_logits, atol=1e-4, rtol=1e-4)
+    assert inference._max_diff(results["onnx-int8"]["logits"], results["torch"]["logits"]) < 0.1
+
+
+def test_results_table_reports_ratios_and_flags_high_load():
+    row = common.row("demo", "speed", "ours", "theirs", 3.0, 2.0, "items/s", "higher", "note")
+    assert row["ratio"] == 1.5
+    results = {
+        "command": "python -m bench.run demo", "revision": "abc", "seconds": 1.0,
+        "machine": {**common.machine_facts(), "load_average_at_start": [3.0, 2.0, 1.0]},
+        "benchmarks": {"demo": {"rows": [row], "description": "a demo", "seconds": 1.0, "repeats": 2,
+                                "load_before": [common.HIGH_LOAD + 1, 1.0, 1.0]}},
+    }
+    text = run.render_markdown(results)
+    assert "| demo: speed | ours | theirs | 3.00 | 2.00 | **1.50** | items/s | higher | note |" in text
+    assert "load exceeded" in text
+    results["benchmarks"]["demo"]["load_before"] = [0.5, 0.5, 0.5]
+    assert "load exceeded" not in run.render_markdown(results)
