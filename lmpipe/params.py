@@ -196,7 +196,8 @@ class BackboneRun(Schema):
     source: str = Field(min_length=1)
     """Folder of the backbone checkpoint (a DVC output: models/pretrained or models/minilm)."""
     mode: Literal["full", "frozen", "lora"] = "full"
-    """full = every weight trains; frozen = only the head (plus top layers); lora = adapters + head."""
+    """full = every weight trains; frozen = only the head, i.e. pooler + classifier (plus top layers);
+    lora = adapters + pooler + classifier, merged into the weights before saving."""
     lr: float = Field(5e-5, gt=0, le=1)
     """Peak learning rate for this backbone."""
     max_steps: int = Field(100, ge=1)
