@@ -135,6 +135,8 @@ def curves_figure(name: str, frames: Mapping[str, Any]) -> Figure | None:
             series.setdefault(panel, []).append((f"{column}", frame["step"], frame[column]))
     if not series:
         return None
+    series = dict(sorted(series.items(), key=lambda item: item[0] != "loss"))  # loss panel first
+    series.get("loss", []).sort(key=lambda line: line[0] != "loss")  # train loss, then val_loss
     cols = min(len(series), 4)
     rows = math.ceil(len(series) / cols)
     fig = _figure(3.4 * cols, 2.8 * rows)
