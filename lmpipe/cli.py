@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--tracking-uri", help="MLflow store to look runs up in (default: the project's)")
     audit.add_argument("--no-mlflow", action="store_true", help="skip the MLflow run look-up")
     audit.set_defaults(func=_audit)
+
+    from lmpipe.predict import add_predict_parser
+
+    add_predict_parser(commands)
     return parser
 
 
