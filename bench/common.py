@@ -32,6 +32,12 @@ from typing import Any, Callable, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2  # the reference machine's cores; every side pins torch / ORT to it
 HIGH_LOAD = 2.0  # 1-minute load average above the core count: other work shares the CPUs
+# Threading knobs inherited by every side when set; recorded with the results. On a shared,
+# oversubscribed machine, spinning worker threads (torch's libgomp, ONNX Runtime's pool) waste
+# their time slices waiting for a descheduled sibling: `bench.run --no-spin` sets NO_SPIN_ENV
+# (libgomp threads sleep instead of spinning; bench.inference also turns off ORT's spinning).
+THREAD_ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "LMPIPE_BENCH_NO_SPIN")
+NO_SPIN_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "LMPIPE_BENCH_NO_SPIN": "1"}
 
 CHILD_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -40,6 +46,11 @@ CHILD_ENV = {
     "TOKENIZERS_PARALLELISM": "true",
     "PYTHONHASHSEED": "0",
 }
+
+
+def no_spin() -> bool:
+    """True under `bench.run --no-spin` (LMPIPE_BENCH_NO_SPIN=1 in the environment)."""
+    return os.environ.get("LMPIPE_BENCH_NO_SPIN") == "1"
 
 
 def load_average() -> list[float]:
@@ -88,6 +99,7 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": versions,
         "load_average_at_start": load_average(),
+        "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
     }
 
 

@@ -149,6 +149,8 @@ def run_side(side: str, config: dict[str, Any]) -> dict[str, Any]:
         model_dir = tmp
     try:
         predictor = Predictor(model_dir, side, config["threads"])
+        if side != "torch" and common.no_spin():
+            predictor.session = _session_without_spinning(predictor.weights, config["threads"])
         n1, n32, warm = config["batch1_runs"], config["batch32_runs"], config["warmup"]
         texts, source = load_texts(config, max(n1 + warm, 32 * (n32 + 1)))
         singles = [next(predictor.batches([t], 1))[1] for t in texts[: n1 + warm]]
@@ -178,12 +180,24 @@ def run_side(side: str, config: dict[str, Any]) -> dict[str, Any]:
         "batch32_seq_per_s": 32 / common.median(batch32),
         "batch1_mean_length": float(np.mean(lengths)),
         "batch32_width": int(many[1]["input_ids"].shape[1]),
+        "spinning": not common.no_spin(),
         "weights_mb": round(Path(predictor.weights).stat().st_size / 1e6, 1),
         "logits": [[float(x) for x in row] for row in reference],
         "peak_rss_mb": common.peak_rss_mb(),
     }
     result["summary"] = f"batch 1 {result['batch1_ms']:.1f} ms, batch 32 {result['batch32_seq_per_s']:.1f} seq/s"
     return result
+
+
+def _session_without_spinning(weights: Path, threads: int):
+    """The Predictor's ORT session (same options) with intra-op spinning off (--no-spin runs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(weights), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -208,7 +222,8 @@ def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
     first = runs["torch"][0]
     what = (f"{facts['model']}; max_length {config['max_length']} ({config['truncation']}), texts: "
             f"{first['texts']}, batch-1 mean length {first['batch1_mean_length']:.0f}, batch-32 width "
-            f"{first['batch32_width']}; {config['threads']} threads")
+            f"{first['batch32_width']}; {config['threads']} threads"
+            + ("; no spinning (torch OMP_WAIT_POLICY=PASSIVE, ORT allow_spinning=0)" if common.no_spin() else ""))
     loads = common.load_note(runs)
     diffs = {side: _max_diff(runs[side][0]["logits"], first["logits"]) for side in ("onnx", "onnx-int8")}
     what += f"; max |logit - torch| on a 32-text batch: fp32 {diffs['onnx']:.1e}, int8 {diffs['onnx-int8']:.1e}"

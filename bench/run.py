@@ -4,6 +4,7 @@
     python -m bench.run tokenize_speed inference      # some
     python -m bench.run --quick                       # micro configurations: checks the code only
     python -m bench.run --repeats 3                   # more interleaved rounds (default 2)
+    python -m bench.run --no-spin                     # worker threads sleep, not spin: results-nospin.*
 
 Each benchmark runs in a fresh subprocess (`python -m bench.NAME`), which itself runs every side
 in a fresh subprocess, interleaved ours, peer, ours, peer. The table reports medians and the
@@ -97,11 +98,16 @@ def render_markdown(results: dict[str, Any]) -> str:
               f"- CPU: {machine['cpu_model']}, {machine['cpu_count']} cores ({machine['cpus_usable']} usable), "
               f"torch / ORT threads: {machine['torch_threads']}",
               f"- load average (1, 5, 15 min) at start: {', '.join(map(str, machine['load_average_at_start']))}",
+              "- thread environment: " + (", ".join(f"{k}={v}" for k, v in machine.get("thread_env", {}).items())
+                                          or "defaults (no OMP_* / GOMP_* variable set)"),
               f"- Python {machine['python']}; " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())]
     if high:
         lines += ["", f"**Note:** the 1-minute load exceeded {common.HIGH_LOAD:g} before {', '.join(high)}: other "
                   "work shared the cores, so absolute figures are low and noisy. Both sides ran back to back, "
-                  "interleaved, under the same load, so the ratios remain the meaningful figure."]
+                  "interleaved, under the same load; but runtimes whose worker threads spin (torch's OpenMP, "
+                  "ONNX Runtime) lose far more than others when a core is taken, which distorts ratios "
+                  + ("(this run: no spinning on any side)." if machine.get("thread_env", {}).get("LMPIPE_BENCH_NO_SPIN")
+                     else "(see `python -m bench.run --no-spin`, bench/results-nospin.md).")]
     return "\n".join(lines) + "\n"
 
 
@@ -111,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
     parser.add_argument("--quick", action="store_true", help="micro configurations (checks the code, measures nothing)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds per benchmark (default 2)")
+    parser.add_argument("--no-spin", action="store_true",
+                        help="OMP_WAIT_POLICY=PASSIVE for torch, allow_spinning=0 for ORT: fairer on a shared, "
+                             "oversubscribed machine; writes results-nospin.json / .md")
     parser.add_argument("--out-dir", type=Path, default=None,
                         help="where results.json / results.md go (default: bench/; --quick: print only)")
     args = parser.parse_args(argv)
@@ -118,6 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark {unknown[0]!r} (choose from {', '.join(BENCHMARKS)})")
     names = list(dict.fromkeys(args.names)) or list(BENCHMARKS)
+    if args.no_spin:
+        os.environ.update(common.NO_SPIN_ENV)  # inherited by every benchmark and side process
     started = time.perf_counter()
     results: dict[str, Any] = {
         "command": "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -134,8 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = args.out_dir if args.out_dir is not None else (None if args.quick else OUT_DIR)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
-        (out_dir / "results.md").write_text(text)
+        stem = "results-nospin" if args.no_spin else "results"
+        (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        (out_dir / f"{stem}.md").write_text(text)
     print(text)
     return 0
 
