@@ -10,7 +10,9 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 PORT ?= 5000
 
-.PHONY: setup repro test ui bench clean-venv
+MODEL ?= models:/lmpipe-classifier/latest
+
+.PHONY: setup repro test ui serve bench clean-venv
 
 setup: $(STAMP)
 
@@ -30,7 +32,12 @@ test: setup
 	$(BIN)/python -m pytest tests
 
 ui: setup
-	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlartifacts
+
+serve: setup
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+	  $(BIN)/mlflow models serve -m $(MODEL) --env-manager local --host 127.0.0.1 --port $(PORT)
 
 bench: setup
 	$(BIN)/python -m bench.run

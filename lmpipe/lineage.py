@@ -69,7 +69,10 @@ def git_state(root: str | os.PathLike) -> dict[str, Any]:
         return done.stdout.strip()
 
     rev = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    # DVC itself rewrites dvc.lock and the .gitignore files of outputs during `dvc repro`:
+    # those edits say nothing about the code that ran.
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 ":(exclude)dvc.lock", ":(exclude,glob)**/.gitignore")
     return {"rev": rev or None, "dirty": None if status is None else bool(status)}
 
 

@@ -174,12 +174,25 @@ def _open_run(stage: str, tags: dict[str, str], experiment: str) -> Tracker:
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         found = client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+        exp_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=_artifact_location(uri)
+        )
         run = client.create_run(exp_id, run_name=stage, tags=tags)
     except Exception as exc:
         warnings.warn(f"MLflow store {uri} failed ({exc}); running untracked")
         return Tracker()
     return Tracker(client, run.info.run_id)
+
+
+def _artifact_location(uri: str) -> str | None:
+    """For a local store, artifacts go to `<project root>/mlartifacts`, whatever the cwd.
+
+    Without it MLflow uses `./mlruns` of the first run's cwd, which for a `dvc exp run --temp`
+    is a temporary folder deleted after the run. A server decides for itself (None).
+    """
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        return (project_root() / "mlartifacts").as_uri()
+    return None
 
 
 def _hash_tags(kind: str, paths: list[str], root: Path) -> dict[str, str]:

@@ -45,7 +45,8 @@ TINY: dict[str, Any] = {
     },
     "baseline": {"max_features": 5000},
     "evaluate": {"bootstrap_samples": 100},
-    "export": {"parity_samples": 16},
+    # near-chance tiny models: one int8 flip in 16 is a 0.06 drop; the gate has its own unit test
+    "export": {"parity_samples": 16, "max_int8_accuracy_drop": 1.0},
 }
 
 
