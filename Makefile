@@ -25,7 +25,6 @@ $(STAMP): pyproject.toml requirements.lock
 	@touch $(STAMP)
 
 repro: setup
-	$(BIN)/dvc config core.analytics false --local
 	LMPIPE_RUN_GROUP=$${LMPIPE_RUN_GROUP:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} $(BIN)/dvc repro
 
 test: setup
