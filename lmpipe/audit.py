@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from lmpipe.errors import LmpipeError
-from lmpipe.lineage import dir_listing, dvc_md5, git_state, read_lock
+from lmpipe.lineage import dir_listing, dvc_md5, git_state, read_lock, upstream_stages
 
 
 @dataclass
@@ -48,37 +48,13 @@ class StageReport:
     mlflow_runs: list[dict[str, str]] = field(default_factory=list)
 
 
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
-def _producers(lock: dict[str, Any], path: str) -> list[str]:
-    """Stages with an output at, inside, or containing `path`."""
-    found = []
-    for name, entry in lock.items():
-        for out in entry.get("outs", []):
-            if _inside(path, out["path"]) or _inside(out["path"], path):
-                found.append(name)
-                break
-    return found
-
-
 def lineage_chain(lock: dict[str, Any], target: str) -> list[str]:
     """Every stage `target` depends on, itself included, in dvc.lock order."""
-    start = _producers(lock, target)
-    if not start:
+    chain = upstream_stages(lock, [target])
+    if not chain:
         known = sorted({o["path"] for e in lock.values() for o in e.get("outs", [])})
         raise LmpipeError(f"{target}: no stage in dvc.lock produced it (outputs: {known})")
-    seen: set[str] = set()
-    todo = list(start)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        for dep in lock[name].get("deps", []):
-            todo.extend(p for p in _producers(lock, dep["path"]) if p != name)
-    return [name for name in lock if name in seen]
+    return chain
 
 
 def _cached_listing(root: Path, md5: str) -> dict[str, str] | None:

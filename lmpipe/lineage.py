@@ -82,3 +82,22 @@ def read_lock(root: str | os.PathLike) -> dict[str, Any]:
     if not lock.exists():
         return {}
     return (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+
+
+def overlaps(a: str, b: str) -> bool:
+    """True when one project-relative path is the other or lies inside it."""
+    a, b = a.rstrip("/"), b.rstrip("/")
+    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+
+def upstream_stages(lock: dict[str, Any], paths: Any) -> list[str]:
+    """The stages that produced `paths` and, transitively, their inputs; in dvc.lock order."""
+    frontier = list(paths)
+    found: set[str] = set()
+    while frontier:
+        path = frontier.pop()
+        for name, entry in lock.items():
+            if name not in found and any(overlaps(path, o["path"]) for o in entry.get("outs", [])):
+                found.add(name)
+                frontier.extend(dep["path"] for dep in entry.get("deps", []))
+    return [name for name in lock if name in found]

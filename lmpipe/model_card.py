@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from lmpipe.lineage import dir_listing, file_md5, git_state
+from lmpipe.lineage import dir_listing, file_md5, git_state, upstream_stages
 
 # Distributions whose versions decide what the exported files contain and how they run.
 PACKAGES = (
@@ -53,26 +53,6 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str | None]:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def _overlaps(a: str, b: str) -> bool:
-    a, b = a.rstrip("/"), b.rstrip("/")
-    return a == b or a.startswith(b + "/") or b.startswith(a + "/")
-
-
-def upstream_stages(lock: dict[str, Any], paths: Iterable[str]) -> list[str]:
-    """Names of the lock's stages that produced `paths`, and their producers, transitively."""
-    frontier = [p for p in paths]
-    found: set[str] = set()
-    while frontier:
-        path = frontier.pop()
-        for name, entry in lock.items():
-            if name in found:
-                continue
-            if any(_overlaps(path, out["path"]) for out in entry.get("outs", [])):
-                found.add(name)
-                frontier.extend(dep["path"] for dep in entry.get("deps", []))
-    return sorted(found)
 
 
 def _entry_hash(item: dict[str, Any]) -> str | None:

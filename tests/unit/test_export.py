@@ -22,7 +22,6 @@ import yaml
 from lmpipe.errors import LmpipeError
 from lmpipe.export import select_model
 from lmpipe.lineage import dvc_md5
-from lmpipe.model_card import upstream_stages
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "was"]
@@ -181,18 +180,6 @@ def test_missing_or_bad_selection_metric_is_named(tmp_path):
         select_model("best", "val_accuracy", ["a", "b"], reports)
     with pytest.raises(LmpipeError, match=r"c/metrics.json: file not found"):
         select_model("best", "val_accuracy", ["a", "c"], reports)
-
-
-def test_upstream_stages_follow_outputs_back_to_the_raw_data():
-    lock = {
-        "fetch": {"deps": [], "outs": [{"path": "data/raw"}]},
-        "preprocess": {"deps": [{"path": "data/raw"}], "outs": [{"path": "data/processed"}]},
-        "finetune@a": {"deps": [{"path": "data/processed"}], "outs": [{"path": "models/finetuned/a"}]},
-        "finetune@b": {"deps": [{"path": "data/processed"}], "outs": [{"path": "models/finetuned/b"}]},
-        "baseline": {"deps": [{"path": "data/processed"}], "outs": [{"path": "models/baseline"}]},
-    }
-    assert upstream_stages(lock, ["models/finetuned/a"]) == ["fetch", "finetune@a", "preprocess"]
-    assert upstream_stages(lock, ["models/finetuned"]) == ["fetch", "finetune@a", "finetune@b", "preprocess"]
 
 
 # --------------------------------------------------------------------------- the export

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from lmpipe.lineage import dvc_md5, git_state, read_lock
+from lmpipe.lineage import dvc_md5, git_state, read_lock, upstream_stages
 from lmpipe.project import default_tracking_uri, project_root
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -61,3 +61,15 @@ def test_git_state_reports_revision_and_dirty_flag(tmp_path):
     (tmp_path / "f").write_text("2")
     assert git_state(tmp_path)["dirty"] is True
     assert git_state(Path("/"))["rev"] is None
+
+
+def test_upstream_stages_follow_outputs_back_to_the_raw_data():
+    lock = {
+        "fetch": {"deps": [], "outs": [{"path": "data/raw"}]},
+        "preprocess": {"deps": [{"path": "data/raw"}], "outs": [{"path": "data/processed"}]},
+        "finetune@a": {"deps": [{"path": "data/processed"}], "outs": [{"path": "models/finetuned/a"}]},
+        "finetune@b": {"deps": [{"path": "data/processed"}], "outs": [{"path": "models/finetuned/b"}]},
+        "baseline": {"deps": [{"path": "data/processed"}], "outs": [{"path": "models/baseline"}]},
+    }
+    assert upstream_stages(lock, ["models/finetuned/a"]) == ["fetch", "preprocess", "finetune@a"]
+    assert upstream_stages(lock, ["models/finetuned"]) == ["fetch", "preprocess", "finetune@a", "finetune@b"]
