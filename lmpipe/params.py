@@ -240,9 +240,9 @@ class FinetuneParams(Schema):
     """Examples per micro-batch."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
-    eval_every: int = Field(25, ge=1)
+    eval_every: int = Field(50, ge=1)
     """Evaluate on the validation split every this many steps."""
-    checkpoint_every: int = Field(25, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
     """Resumable checkpoint cadence in steps."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     """Share of max_steps spent in linear warmup."""
