@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmpipe.errors import LmpipeError
+from lmpipe.io import load_yaml
 from lmpipe.lineage import dir_listing, dvc_md5, git_state, read_lock, upstream_stages
 
 
@@ -104,7 +103,7 @@ def _stale_params(root: Path, recorded: dict[str, dict[str, Any]]) -> dict[str, 
     stale = {}
     for file, values in recorded.items():
         try:
-            current = yaml.safe_load((root / file).read_text(encoding="utf-8")) or {}
+            current = load_yaml((root / file).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             current = {}
         for key, value in values.items():

@@ -87,5 +87,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def load_yaml(text: str) -> Any:
+    """Parse YAML 1.2 exactly as DVC does (ruamel): `lr: 5e-05` is a float, not a string.
+
+    PyYAML (YAML 1.1) reads the floats DVC writes to dvc.lock as strings, so every YAML file
+    the pipeline shares with DVC (params.yaml, dvc.lock) is read here.
+    """
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
+from lmpipe.io import load_yaml
 
 CHUNK = 1 << 20
 
@@ -81,7 +81,7 @@ def read_lock(root: str | os.PathLike) -> dict[str, Any]:
     lock = Path(root) / "dvc.lock"
     if not lock.exists():
         return {}
-    return (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    return (load_yaml(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
 
 
 def overlaps(a: str, b: str) -> bool:

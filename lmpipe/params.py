@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lmpipe.errors import LmpipeError
+from lmpipe.io import load_yaml
 
 PARAMS_FILE = "params.yaml"
 
@@ -368,12 +368,16 @@ def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     """Read and validate `params.yaml` (every section, so a typo anywhere stops any stage)."""
     path = Path(path)
+    from ruamel.yaml import YAMLError
+
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise LmpipeError(f"{path}: file not found") from None
-    except yaml.YAMLError as exc:
-        raise LmpipeError(f"{path}: not valid YAML: {exc}".splitlines()[0]) from None
+    except YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise LmpipeError(f"{path}: not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
     return parse_params(raw, str(path))
 
 

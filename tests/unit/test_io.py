@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmpipe.io import atomic_dir, atomic_file, read_json, write_json
+from lmpipe.io import atomic_dir, atomic_file, load_yaml, read_json, write_json
 
 
 def test_atomic_file_leaves_nothing_on_error(tmp_path):
@@ -43,3 +43,9 @@ def test_write_json_is_byte_stable(tmp_path):
     write_json(tmp_path / "b.json", {"a": [1.5, "é"], "b": 1})
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     assert read_json(tmp_path / "a.json") == {"a": [1.5, "é"], "b": 1}
+
+
+def test_load_yaml_reads_the_floats_dvc_writes_as_floats():
+    # DVC (ruamel, YAML 1.2) writes `5e-05` to dvc.lock; PyYAML would read it as a string,
+    # and the audit would then call every stage stale.
+    assert load_yaml("lr: 5e-05\nother: 1.0e-3\nflag: true\n") == {"lr": 5e-05, "other": 1e-3, "flag": True}
