@@ -73,6 +73,7 @@ from lmpipe.tracking import Terminated
 log = logging.getLogger("lmpipe.training")
 
 CHECKPOINT_FILE = "checkpoint.pt"
+FINISHED_FILE = "finished.json"
 CHECKPOINT_FORMAT = 1
 TRAIN_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
 
@@ -317,6 +318,22 @@ def load_checkpoint(checkpoint_dir: Path | None, fingerprint: str, quiet: bool =
             log.info("ignoring checkpoint %s: it belongs to another configuration or input", path)
         return None
     return state
+
+
+def finish_checkpoint(checkpoint_dir: str | Path, steps: int) -> None:
+    """After the stage's outputs are written, shrink the resume point to a small marker.
+
+    The checkpoint folder is a DVC output (persist: true) that is cached and pushed like any
+    other, so a fresh clone plus `dvc pull` finds nothing to rerun; keeping the full state
+    (weights, optimizer moments, best weights: ~4x the model) in every cache version would
+    cost far more than the resume it allows after success. A forced rerun then trains from
+    the start, which yields the same bytes.
+    """
+    folder = Path(checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(folder / FINISHED_FILE) as tmp:
+        tmp.write_text(json.dumps({"finished": True, "steps": int(steps)}, sort_keys=True) + "\n")
+    (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

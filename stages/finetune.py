@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lmpipe import finetuning
+from lmpipe import finetuning, training
 from lmpipe.errors import LmpipeError
 from lmpipe.io import atomic_dir, write_json
 from lmpipe.params import load_params
@@ -48,18 +48,20 @@ def main(argv: list[str] | None = None) -> None:
         raise LmpipeError(f"{source}/config.json: file not found (finetune.backbones.{backbone}.source "
                           f"must be a transformers model folder; run the stage that writes it)")
     model_dir = Path("models/finetuned") / backbone
+    checkpoints = Path("checkpoints/finetune") / backbone
     reports = Path("reports/finetune") / backbone
     device = setup_torch(params.base.seed, params.base.threads, params.base.device)
     with stage_run(f"finetune@{backbone}", params, sections=("finetune",),
-                   inputs=(str(PROCESSED), str(source)), outputs=(str(model_dir),),
+                   inputs=(str(PROCESSED), str(source)), outputs=(str(model_dir), str(checkpoints)),
                    extra_tags={"lmpipe.backbone": backbone}) as tracker:
         tracker.log_input(PROCESSED, context="train")
         done = finetuning.run_finetune(
             params, backbone, processed_dir=PROCESSED, device=device, tracker=tracker,
-            checkpoint_dir=Path("checkpoints/finetune") / backbone, curves_dir=reports,
+            checkpoint_dir=checkpoints, curves_dir=reports,
         )
         with atomic_dir(model_dir) as tmp:
             finetuning.save_classifier(done.model, done.tokenizer, tmp, done.info)
+        training.finish_checkpoint(checkpoints, done.metrics["steps"])
         write_json(reports / "metrics.json", done.metrics)
         tracker.log_metrics({f"best_{k}": v for k, v in done.info["val_metrics"].items()})
         tracker.log_metrics({k: float(done.metrics[k]) for k in ("trainable_params", "total_params", "pad_share")})

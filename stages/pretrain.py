@@ -56,7 +56,7 @@ def main() -> dict:
                               "tokenizer": dvc_md5(TOKENIZER)}, sort_keys=True)
     val = batches.val_batches()
     with stage_run("pretrain", params, sections=("pretrain",), inputs=(str(TOKENS), str(TOKENIZER)),
-                   outputs=(str(OUT), str(REPORTS))) as tracker:
+                   outputs=(str(OUT), str(CHECKPOINTS))) as tracker:
         result = training.train(
             models.MaskedLMObjective(mlm), loss_fn=models.objective_loss, batch_at=batches.batch_at,
             evaluate=lambda objective: models.evaluate_mlm(objective.mlm, val, device), config=config,
@@ -66,6 +66,7 @@ def main() -> dict:
             return {}
         with atomic_dir(OUT) as tmp:
             models.save_mlm(mlm, TOKENIZER, tmp)
+        training.finish_checkpoint(CHECKPOINTS, result.steps)
         metrics = {**result.final_metrics, "steps": result.steps, "tokens_per_s": result.tokens_per_s,
                    "mfu": result.mfu, "peak_flops": peak, "peak_flops_source": peak_source,
                    "flops_per_token": flops_per_token, "precision": precision, "world_size": info.world_size,

@@ -366,3 +366,13 @@ def test_bad_config_names_the_field():
 def test_precision_auto_is_fp32_on_cpu():
     assert training.resolve_precision("auto", CPU) == "fp32"
     assert training.resolve_precision("bf16", CPU) == "bf16"
+
+
+def test_finish_checkpoint_leaves_a_small_marker_that_is_never_resumed(tmp_path):
+    from lmpipe.training import CHECKPOINT_FILE, finish_checkpoint, load_checkpoint
+
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"x" * 1000)
+    finish_checkpoint(tmp_path, steps=7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finished.json"]
+    assert (tmp_path / "finished.json").read_text() == '{"finished": true, "steps": 7}\n'
+    assert load_checkpoint(tmp_path, "any") is None
