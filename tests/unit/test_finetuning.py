@@ -284,7 +284,8 @@ def test_stage_writes_a_model_that_the_transformers_pipeline_loads(project):
     assert metrics["val_accuracy"] == info["val_metrics"]["val_accuracy"]
     curve = pd.read_csv(project / "reports/finetune/tiny/eval_curve.csv")
     assert curve["step"].tolist() == [3, 6]
-    assert (project / "checkpoints/finetune/tiny/checkpoint.pt").is_file()
+    finished = json.loads((project / "checkpoints/finetune/tiny/finished.json").read_text())
+    assert finished["steps"] == 6  # the resume point shrinks to a marker once outputs exist
 
     classify = pipeline("text-classification", model=str(out), device="cpu")
     predicted = classify(["the movie was good great", "the movie was bad awful w1"])
