@@ -184,6 +184,14 @@ def _open_run(stage: str, tags: dict[str, str], experiment: str) -> Tracker:
     return Tracker(client, run.info.run_id)
 
 
+def _resources(started: float) -> dict[str, float]:
+    """Wall time of the stage body and the process's peak resident memory (this host)."""
+    import resource
+
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"stage_seconds": time.monotonic() - started, "peak_rss_mb": peak_kb / 1024}
+
+
 def _artifact_location(uri: str) -> str | None:
     """For a local store, artifacts go to `<project root>/mlartifacts`, whatever the cwd.
 
@@ -244,6 +252,7 @@ def stage_run(
         tracker.log_params(flatten(chosen))
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    started = time.monotonic()
     status = "FAILED"
     try:
         yield tracker
@@ -255,6 +264,7 @@ def stage_run(
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if tracker.active:
+            tracker.log_metrics(_resources(started))
             tracker.flush()
             if status == "FINISHED":
                 tracker.set_tags(_hash_tags("out", list(outputs), cwd))

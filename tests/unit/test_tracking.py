@@ -47,6 +47,7 @@ def test_finished_run_has_params_metrics_and_hash_tags(tracking_uri, params, tmp
     assert run.data.tags["dvc.out.data/x.txt"] == dvc_md5(tmp_path / "data" / "x.txt")
     history = MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "loss")
     assert len(history) == 250
+    assert run.data.metrics["peak_rss_mb"] > 10 and run.data.metrics["stage_seconds"] >= 0
 
 
 def test_exception_marks_the_run_failed(tracking_uri, params, tmp_path, monkeypatch):
