@@ -45,4 +45,6 @@ def setup_torch(seed: int, threads: int, device: str = "auto") -> Any:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise LmpipeError("params.yaml: base.device is 'cuda' but no CUDA device is available")
+    if device == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its attention backward is not deterministic
     return torch.device(device)

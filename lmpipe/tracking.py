@@ -78,12 +78,16 @@ class Tracker:
             return None
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.active:
+            return
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         self._call("set_tags", lambda: self._client.log_batch(self.run_id, tags=items))
 
     def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
