@@ -18,11 +18,15 @@ accounting (6N + 12LHQT) with the head counted where it really runs.
 
 MFU = achieved tokens/s x FLOPs per token / peak FLOP/s. The peak is `base.peak_flops` when set,
 else measured by `measure_peak_flops`: a square matmul repeated for about a second in the dtype
-the training loop computes in (fp32 on CPU, bf16 under autocast on CUDA), best rate kept.
+the training loop computes in (fp32 on CPU, bf16 under autocast on CUDA), best rate kept. On a
+shared machine one probe can land in a busy second and read low (84 instead of ~175 GFLOP/s was
+seen), which inflates MFU: the pretrain stage probes before and after training and reports the
+higher.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -94,3 +98,10 @@ def peak_flops(override: float | None, device: torch.device, precision: str) -> 
     if override:
         return float(override), "params"
     return measure_peak_flops(device, probe_dtype(device, precision)), "measured"
+
+
+def mfu(tokens_per_s: float, flops_per_token: float | None, peak: float | None, devices: int = 1) -> float | None:
+    """Model FLOPs utilisation: tokens/s x FLOPs per token / (peak FLOP/s x devices); None if unknown."""
+    if not flops_per_token or not peak or not math.isfinite(tokens_per_s):
+        return None
+    return tokens_per_s * flops_per_token / (peak * devices)

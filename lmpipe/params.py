@@ -143,7 +143,7 @@ class Optimizer(Schema):
     """AdamW decoupled weight decay; biases and norm weights are excluded."""
     betas: tuple[float, float] = (0.9, 0.98)
     """AdamW betas (0.98 as in RoBERTa: steadier with large lr)."""
-    warmup_steps: int = Field(22, ge=0)
+    warmup_steps: int = Field(27, ge=0)
     """Linear warmup from 0 to lr over this many optimizer steps."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Cosine decay ends at lr * min_lr_ratio at the last step."""
@@ -152,15 +152,15 @@ class Optimizer(Schema):
 
 
 class Loop(Schema):
-    max_steps: int = Field(225, ge=1)
+    max_steps: int = Field(270, ge=1)
     """Optimizer steps to run (the step budget sets the stage's wall time: ~4 min on 2 cores)."""
     batch_size: int = Field(32, ge=1)
     """Sequences per micro-batch per process."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
-    eval_every: int = Field(75, ge=1)
+    eval_every: int = Field(90, ge=1)
     """Evaluate on the validation data every this many steps (and at the end)."""
-    checkpoint_every: int = Field(75, ge=1)
+    checkpoint_every: int = Field(90, ge=1)
     """Write a resumable checkpoint every this many steps (SIGTERM also writes one)."""
     log_every: int = Field(10, ge=1)
     """Log loss, lr, grad norm, tokens/s and MFU every this many steps."""

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lmpipe import distributed
+from lmpipe import distributed, flops
 from lmpipe.errors import LmpipeError
 from lmpipe.io import atomic_file
 from lmpipe.tracking import Terminated
@@ -543,7 +543,7 @@ def train(
                 mean_loss = loss_g / (window["steps"] * info.world_size)
                 tps = tokens_g / max(window["seconds"], 1e-9)
                 tokens_run += tokens_g
-                mfu = _mfu(tps, flops_per_token, peak_flops, info.world_size)
+                mfu = flops.mfu(tps, flops_per_token, peak_flops, info.world_size)
                 row = {"step": step, "loss": mean_loss, "lr": lr, "grad_norm": window["grad_norm"],
                        "tokens_per_s": tps, "mfu": mfu if mfu is not None else float("nan")}
                 train_rows.append(row)
@@ -623,13 +623,7 @@ def train(
         stopped_early=stopped,
         resumed_from=resumed_from,
         tokens_per_s=tps_all,
-        mfu=_mfu(tps_all, flops_per_token, peak_flops, info.world_size),
+        mfu=flops.mfu(tps_all, flops_per_token, peak_flops, info.world_size),
         train_seconds=train_seconds,
         history={"train": train_rows, "eval": eval_rows},
     )
-
-
-def _mfu(tokens_per_s: float, flops_per_token: float | None, peak: float | None, world: int) -> float | None:
-    if not flops_per_token or not peak or not math.isfinite(tokens_per_s):
-        return None
-    return tokens_per_s * flops_per_token / (peak * world)

@@ -61,3 +61,9 @@ def test_peak_probe_measures_a_positive_rate():
 
 def test_params_peak_overrides_the_probe():
     assert flops.peak_flops(1.5e11, torch.device("cpu"), "fp32") == (1.5e11, "params")
+
+
+def test_mfu_divides_achieved_by_peak_over_all_devices():
+    assert flops.mfu(1000.0, 2e6, 4e9) == pytest.approx(0.5)
+    assert flops.mfu(1000.0, 2e6, 4e9, devices=2) == pytest.approx(0.25)
+    assert flops.mfu(1000.0, None, 4e9) is None and flops.mfu(float("nan"), 2e6, 4e9) is None
