@@ -287,14 +287,9 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry (`python -m lmpipe.predict ...`), the same as `lmpipe predict ...`."""
-    parser = argparse.ArgumentParser(prog="lmpipe")
-    add_predict_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["predict", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except LmpipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from lmpipe.cli import main as cli_main
+
+    return cli_main(["predict", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

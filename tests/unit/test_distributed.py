@@ -23,12 +23,7 @@ from lmpipe import distributed, masking, training
 PAD, UNK, CLS, SEP, MASK, VOCAB = 0, 1, 2, 3, 4, 60
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyMLM(torch.nn.Module):

@@ -14,13 +14,7 @@ VOCAB, PAD, CLS, SEP, MASK, UNK = 100, 0, 2, 3, 4, 1
 ARCH = Architecture(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_mlm(seed: int = 0):

@@ -24,13 +24,7 @@ PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def regression_model(seed: int = 0) -> torch.nn.Module:
