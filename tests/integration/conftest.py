@@ -100,9 +100,10 @@ def copy_project(dest: Path, override: dict | None = None) -> Path:
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     (dest / "params.yaml").write_text(yaml.safe_dump(merge(params, override or TINY), sort_keys=False))
-    for generated in ("reports",):  # the copy produces its own reports
-        shutil.rmtree(dest / generated, ignore_errors=True)
-        (dest / generated).mkdir()
+    # the copy runs its own pipeline: no lock or reports from the workspace it came from
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    shutil.rmtree(dest / "reports", ignore_errors=True)
+    (dest / "reports").mkdir()
     git("init", "-q", "-b", "main", cwd=dest)
     git("add", "-A", cwd=dest)
     git("commit", "-qm", "copy", cwd=dest)
