@@ -89,21 +89,25 @@ def git(*args: str, cwd: Path) -> str:
 
 
 def copy_project(dest: Path, override: dict | None = None) -> Path:
-    """Copy what git tracks (plus untracked, non-ignored files) and commit it in a new repo."""
+    """Copy the project's sources (tracked files and new, non-ignored ones) into a new repo.
+
+    The workspace's own pipeline outputs stay behind: the copy runs its own pipeline, as a
+    clean clone in CI does.
+    """
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
     ).stdout.decode().split("\0")
+    outputs = ("data/", "models/", "checkpoints/", "reports/", "mlartifacts/", "dvc.lock")
     for rel in filter(None, listed):
+        if rel.startswith(outputs):  # pipeline outputs of the workspace, tracked by git or not
+            continue
         src = ROOT / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     (dest / "params.yaml").write_text(yaml.safe_dump(merge(params, override or TINY), sort_keys=False))
-    # the copy runs its own pipeline: no lock or reports from the workspace it came from
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(dest / "reports", ignore_errors=True)
-    (dest / "reports").mkdir()
+    (dest / "reports").mkdir(exist_ok=True)
     git("init", "-q", "-b", "main", cwd=dest)
     git("add", "-A", cwd=dest)
     git("commit", "-qm", "copy", cwd=dest)
