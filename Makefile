@@ -12,7 +12,7 @@ PORT ?= 5000
 
 MODEL ?= models:/lmpipe-classifier/latest
 
-.PHONY: setup repro test ui serve bench clean-venv
+.PHONY: setup repro test ui serve bench study clean-venv
 
 setup: $(STAMP)
 
@@ -40,6 +40,13 @@ serve: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# When does pretraining pay? Pretraining budgets x label counts, pretrained vs random init
+# (needs `dvc repro tokenize` outputs; ~45 min on 2 cores). Writes reports/study/.
+STUDY_ARGS ?=
+study: setup
+	$(BIN)/dvc repro tokenize
+	$(BIN)/python -m studies.pretraining_payoff $(STUDY_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -107,11 +107,11 @@ def make_batches(config: dict[str, Any], tokens: Any, special: dict[str, int], v
         eval_batches=1, seed=config["seed"], cls_id=special["cls"], sep_id=special["sep"], masking=masking_config)
 
 
-def build_model(config: dict[str, Any], vocab: int, pad_id: int):
+def build_model(config: dict[str, Any], vocab: int, special: dict[str, int]):
     from lmpipe import models
     from lmpipe.params import Architecture
 
-    return models.build_mlm(models.mlm_config(Architecture(**config["arch"]), vocab, pad_id), config["seed"])
+    return models.build_mlm(models.mlm_config(Architecture(**config["arch"]), vocab, special), config["seed"])
 
 
 class FullHeadObjective(torch.nn.Module):
@@ -139,7 +139,7 @@ def run_side(side: str, config: dict[str, Any]) -> dict[str, Any]:
     device = setup_torch(config["seed"], config["threads"], "cpu")
     tokens, special, vocab, source = load_tokens(config)
     peak = flops.measure_peak_flops(device, seconds=config["peak_seconds"])
-    mlm = build_model(config, vocab, special["pad"])
+    mlm = build_model(config, vocab, special)
     run = _run_peer if side == "peer" else _run_ours
     result = run(side, config, mlm, tokens, special, vocab)
     seq = config["arch"]["max_length"]
@@ -297,7 +297,7 @@ def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
     m = {side: {k: common.med(r, k) for k in ("tokens_per_s", "mfu", "peak_rss_mb", "loss_mean", "loss_first")}
          for side, r in runs.items()}
     shape = config["arch"]
-    what = (f"BERT {shape['num_layers']}x{shape['hidden_size']}, vocab {ours[0]['vocab_size']}, seq "
+    what = (f"{shape.get('family', 'bert')} {shape['num_layers']}x{shape['hidden_size']}, vocab {ours[0]['vocab_size']}, seq "
             f"{shape['max_length']}, batch {config['batch_size']}, {config['steps']} steps after "
             f"{config['warmup_steps']} warm-up, fp32, {config['threads']} threads; data: {ours[0]['data']}")
     ours_name, peer_name = "lmpipe loop, masked-only head", "HF Trainer + DataCollatorForLanguageModeling"

@@ -7,6 +7,9 @@
 - Per model: accuracy, macro precision/recall/F1, ROC-AUC, ECE (lmpipe.metrics), each with a
   percentile bootstrap interval computed on the SAME resamples for every model (paired), and
   McNemar's test of each transformer against the baseline.
+- The control arm: each fine-tuned model whose backbone was pretrained is compared with the
+  random-init model built from the same source folder (`init: random` in its lmpipe.json):
+  the accuracy difference with its paired bootstrap interval, and McNemar's test.
 - The pretrained encoder: masked-LM perplexity on the test split's text
   (`pretrained.test_mlm_perplexity`), see `mlm_perplexity`.
 - Reports: `write_reports` writes metrics.json, comparison.md, predictions/<model>.csv,
@@ -51,6 +54,8 @@ class ModelSpec:
     name: str
     path: Path
     kind: str  # "baseline" | "transformer"
+    init: str = "pretrained"  # "random" for a control arm (lmpipe.json of the fine-tuned folder)
+    source: str = ""  # the backbone folder it was fine-tuned from
 
 
 @dataclass
@@ -61,6 +66,7 @@ class ModelResult:
     metrics: dict[str, float]
     ci: dict[str, tuple[float, float]]
     mcnemar: dict[str, Any] | None = None  # vs the baseline; None for the baseline itself
+    control: dict[str, Any] | None = None  # vs the random-init model of the same source, if any
 
 
 @dataclass
@@ -97,8 +103,22 @@ def find_models(baseline_dir: str | Path, finetuned_dir: str | Path) -> list[Mod
                 continue
             if folder.name in RESERVED:
                 raise LmpipeError(f"{folder}: a fine-tuned model may not be named {folder.name!r}")
-            specs.append(ModelSpec(folder.name, folder, "transformer"))
+            info = _model_info(folder)
+            specs.append(ModelSpec(folder.name, folder, "transformer", str(info.get("init", "pretrained")),
+                                   str(info.get("source", ""))))
     return specs
+
+
+def _model_info(folder: Path) -> dict[str, Any]:
+    import json
+
+    path = folder / "lmpipe.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        raise LmpipeError(f"{path}: not valid JSON") from None
 
 
 # --------------------------------------------------------------------------- inference
@@ -214,6 +234,7 @@ def mlm_perplexity(
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from lmpipe.finetuning import collate
+    from lmpipe.models import mlm_head
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -232,7 +253,7 @@ def mlm_perplexity(
         raise LmpipeError("the test split holds no tokens to score the masked-LM on")
     positions = mask_positions([len(w) for w in windows], mask_prob, seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    head = getattr(model, "cls", None)  # BERT's MLM head: score the masked positions only
+    head = mlm_head(model)  # score the masked positions only (the same head the pretraining loss uses)
     total_nll, total_tokens = 0.0, 0
     order = np.argsort([-len(w) for w in windows], kind="stable")
     with torch.inference_mode():
@@ -246,11 +267,8 @@ def mlm_perplexity(
             targets = ids[where]
             ids = ids.masked_fill(where, special["mask"])
             inputs = {"input_ids": ids.to(device), "attention_mask": batch["attention_mask"].to(device)}
-            if head is not None:
-                hidden = model.base_model(**inputs).last_hidden_state
-                logits = head(hidden[where.to(device)])
-            else:
-                logits = model(**inputs).logits[where.to(device)]
+            hidden = model.base_model(**inputs).last_hidden_state
+            logits = head(hidden[where.to(device)])
             nll = torch.nn.functional.cross_entropy(logits.float(), targets.to(device), reduction="sum")
             total_nll += float(nll)
             total_tokens += int(targets.numel())
@@ -287,6 +305,22 @@ def compare_to_baseline(results: list[ModelResult], labels: np.ndarray) -> None:
             result.mcnemar = M.mcnemar(result.probs.argmax(axis=1) == labels, base_correct)
 
 
+def compare_to_random_init(results: list[ModelResult], specs: Sequence[ModelSpec], labels: np.ndarray,
+                           *, bootstrap_samples: int, confidence: float, seed: int) -> None:
+    """Fill `control` of every pretrained-backbone model that has a random-init twin (same source)."""
+    by_name = {r.name: r for r in results}
+    controls = {spec.source: spec.name for spec in specs if spec.init == "random" and spec.source}
+    for spec in specs:
+        control = controls.get(spec.source) if spec.init != "random" else None
+        if spec.kind != "transformer" or control is None:
+            continue
+        treated = by_name[spec.name].probs.argmax(axis=1) == labels
+        baseline = by_name[control].probs.argmax(axis=1) == labels
+        diff, low, high = M.accuracy_difference_ci(treated, baseline, bootstrap_samples, confidence, seed)
+        by_name[spec.name].control = {"name": control, "accuracy_diff": diff, "ci_low": low, "ci_high": high,
+                                      **M.mcnemar(treated, baseline)}
+
+
 def evaluate(
     test: TestSet,
     models: Sequence[ModelSpec],
@@ -309,6 +343,8 @@ def evaluate(
             confidence=settings.confidence, ece_bins=settings.ece_bins, seed=seed,
         ))
     compare_to_baseline(results, test.labels)
+    compare_to_random_init(results, models, test.labels, bootstrap_samples=settings.bootstrap_samples,
+                           confidence=settings.confidence, seed=seed)
     lm = None
     if pretrained is not None:
         log.info("masked-LM perplexity of %s", pretrained)
@@ -336,6 +372,11 @@ def headline(evaluation: Evaluation) -> dict[str, Any]:
             row["mcnemar_p"] = result.mcnemar["p_value"]
             row["mcnemar_wins"] = result.mcnemar["b"]  # test examples only this model gets right
             row["mcnemar_losses"] = result.mcnemar["c"]  # test examples only the baseline gets right
+        if result.control is not None:  # pretrained backbone vs the same architecture at random init
+            c = result.control
+            row.update({"vs_random_accuracy_diff": c["accuracy_diff"], "vs_random_ci_low": c["ci_low"],
+                        "vs_random_ci_high": c["ci_high"], "vs_random_mcnemar_p": c["p_value"],
+                        "vs_random_wins": c["b"], "vs_random_losses": c["c"]})
         out[result.name] = row
     if evaluation.lm is not None:
         out[PRETRAINED] = dict(evaluation.lm)
@@ -401,6 +442,7 @@ def comparison_table(evaluation: Evaluation) -> str:
             verdicts.append(f"- {r.name} vs baseline: {winner} is better (p = {_p(r.mcnemar['p_value'])} < {alpha:.2g}).")
     if verdicts:
         lines += ["", *verdicts]
+    lines += control_table(evaluation)
     if evaluation.lm is not None:
         lm = evaluation.lm
         lines += [
@@ -411,6 +453,29 @@ def comparison_table(evaluation: Evaluation) -> str:
         ]
     lines += [f"- {note}" for note in evaluation.notes]
     return "\n".join(lines) + "\n"
+
+
+def control_table(evaluation: Evaluation) -> list[str]:
+    """Markdown lines: each pretrained-backbone model against its random-init twin (none: [])."""
+    rows = [r for r in evaluation.models if r.control is not None]
+    if not rows:
+        return []
+    level = f"{evaluation.confidence:.0%}"
+    lines = ["", "## What pretraining adds: the same architecture at random init, same recipe", "",
+             f"| model | control (random init) | accuracy difference [{level} CI] | McNemar p | wins / losses |",
+             "| --- | --- | --- | --- | --- |"]
+    alpha = 1 - evaluation.confidence
+    verdicts = []
+    for r in rows:
+        c = r.control
+        lines.append(f"| {r.name} | {c['name']} | {c['accuracy_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}] "
+                     f"| {_p(c['p_value'])} ({c['method']}) | {c['b']} / {c['c']} |")
+        if c["p_value"] >= alpha:
+            verdicts.append(f"- {r.name} vs {c['name']}: no significant difference (p = {_p(c['p_value'])}).")
+        else:
+            winner = r.name if c["better"] == "a" else c["name"]
+            verdicts.append(f"- {r.name} vs {c['name']}: {winner} is better (p = {_p(c['p_value'])} < {alpha:.2g}).")
+    return lines + ["", *verdicts]
 
 
 def _slug(text: str) -> str:

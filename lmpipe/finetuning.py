@@ -243,30 +243,35 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def build_classifier(backbone_dir: str | Path, label_names: Sequence[str], *, mode: str, seed: int, unfreeze_top_layers: int = 0, lora: Any = None) -> Any:
+def build_classifier(backbone_dir: str | Path, label_names: Sequence[str], *, mode: str, seed: int, unfreeze_top_layers: int = 0, lora: Any = None, init: str = "pretrained") -> Any:
     """A sequence classifier on `backbone_dir`, its trainable parameters set by `mode`.
 
+    `init="random"` builds the same architecture (the folder's config.json) with fresh weights
+    drawn from `seed` instead of loading the checkpoint: the random-init control arm.
     `lora` is the finetune.lora params section (rank, alpha, dropout, target_modules).
     Returns a transformers model (`full`, `frozen`) or a peft model (`lora`).
     """
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     backbone_dir = Path(backbone_dir)
     if not (backbone_dir / "config.json").is_file():
         raise LmpipeError(f"{backbone_dir}/config.json: file not found (not a transformers model folder)")
     _quiet_transformers()
+    labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                  label2id={name: i for i, name in enumerate(label_names)})
     torch.manual_seed(seed)  # the fresh pooler / classifier weights depend on the seed only
-    model, info = AutoModelForSequenceClassification.from_pretrained(
-        backbone_dir,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-        local_files_only=True,
-        output_loading_info=True,
-    )
-    fresh = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
-    log.info("%s: freshly initialised modules: %s", backbone_dir, ", ".join(fresh) or "none")
+    if init == "random":
+        config = AutoConfig.from_pretrained(backbone_dir, local_files_only=True, **labels)
+        model = AutoModelForSequenceClassification.from_config(config)
+        log.info("%s: architecture only, every weight freshly initialised (init: random)", backbone_dir)
+    elif init == "pretrained":
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            backbone_dir, local_files_only=True, output_loading_info=True, **labels)
+        fresh = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
+        log.info("%s: freshly initialised modules: %s", backbone_dir, ", ".join(fresh) or "none")
+    else:
+        raise LmpipeError(f"finetune init must be one of ['pretrained', 'random'] (got {init!r})")
     if mode == "full":
         return model
     if mode == "frozen":
@@ -277,10 +282,13 @@ def build_classifier(backbone_dir: str | Path, label_names: Sequence[str], *, mo
 
 
 def _encoder_layers(model: Any) -> Any:
-    try:
-        return model.base_model.encoder.layer
-    except AttributeError:
-        raise LmpipeError(f"{type(model).__name__}: no encoder.layer list (not a BERT-family model)") from None
+    """The list of encoder layers: `encoder.layer` (BERT, RoFormer, MiniLM) or `layers` (ModernBERT)."""
+    base = model.base_model
+    encoder = getattr(base, "encoder", None)
+    layers = getattr(encoder, "layer", None) if encoder is not None else getattr(base, "layers", None)
+    if layers is None:
+        raise LmpipeError(f"{type(model).__name__}: no encoder.layer or layers list (not a BERT-family model)")
+    return layers
 
 
 def head_prefixes(model: Any) -> list[str]:
@@ -315,7 +323,8 @@ def _add_lora(model: Any, lora: Any, seed: int) -> Any:
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     unknown = [m for m in lora.target_modules if m not in names]
     if unknown:
-        raise LmpipeError(f"params.yaml: finetune.lora.target_modules {unknown} name no module of the backbone")
+        raise LmpipeError(f"params.yaml: finetune.lora.target_modules {unknown} name no module of the backbone "
+                          f"(a backbone that names them otherwise sets finetune.backbones.<name>.lora_target_modules)")
     # SEQ_CLS trains the classifier in full; the pooler too (freshly initialised on our backbone)
     pooler = ["pooler"] if getattr(model.base_model, "pooler", None) is not None else []
     config = LoraConfig(
@@ -461,10 +470,11 @@ def classifier_flops_per_token(config: Any, seq_len: int, mode: str, unfrozen_la
     gradients) and 3F per unfrozen top layer; lora: 2F per layer (activation grads flow through
     every layer, weight grads only for the tiny adapters). The classifier head is negligible.
     """
-    from lmpipe.flops import encoder_flops_per_token
+    from lmpipe.flops import encoder_flops_per_token, ffn_matrices
 
     layers = config.num_hidden_layers
-    per_layer = encoder_flops_per_token(1, config.hidden_size, config.intermediate_size, seq_len) / 3
+    per_layer = encoder_flops_per_token(1, config.hidden_size, config.intermediate_size, seq_len,
+                                        ffn_matrices(config)) / 3
     if mode == "full":
         return 3 * per_layer * layers
     if mode == "frozen":
@@ -558,8 +568,11 @@ def run_finetune(params: Any, backbone: str, *, processed_dir: str | Path, check
     val_texts, val_labels = load_split(processed_dir, "val", len(names))
 
     tokenizer = load_tokenizer(run.source)
-    model = build_classifier(run.source, names, mode=run.mode, seed=seed,
-                             unfreeze_top_layers=cfg.frozen.unfreeze_top_layers, lora=cfg.lora)
+    lora = cfg.lora
+    if run.lora_target_modules is not None:
+        lora = lora.model_copy(update={"target_modules": list(run.lora_target_modules)})
+    model = build_classifier(run.source, names, mode=run.mode, seed=seed, init=run.init,
+                             unfreeze_top_layers=cfg.frozen.unfreeze_top_layers, lora=lora)
     positions = getattr(model.config, "max_position_embeddings", cfg.max_length)
     if cfg.max_length > positions:
         raise LmpipeError(f"params.yaml: finetune.max_length ({cfg.max_length}) exceeds the "
@@ -599,7 +612,8 @@ def run_finetune(params: Any, backbone: str, *, processed_dir: str | Path, check
     log.info("finetune@%s (%s): %s of %s parameters trained (%.2f%%)", backbone, run.mode,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     best = {k: float(v) for k, v in sorted(result.best_metrics.items())}
-    info = {"backbone": backbone, "mode": run.mode, "max_length": cfg.max_length,
+    info = {"backbone": backbone, "source": run.source, "mode": run.mode, "init": run.init,
+            "max_length": cfg.max_length,
             "truncation": cfg.truncation, "best_step": result.best_step, "val_metrics": best}
     metrics = {
         **best,

@@ -9,7 +9,8 @@ Training FLOPs per input token of a BERT encoder (matmuls only; a matmul of an [
 
 with L layers, hidden size H, feed-forward size I, sequence length T, vocabulary V,
 N_layers = L * (4*H*H + 2*H*I) the weight-matrix parameters of the layers (Q, K, V, output
-projections and the two feed-forward matrices; biases, norms and embedding lookups cost no
+projections and the two feed-forward matrices, three for a gated (GeGLU) feed-forward as in
+ModernBERT, whose input matrix is H x 2I; biases, norms and embedding lookups cost no
 matmul FLOPs), 12*L*T*H the attention scores (Q K^T) and the weighted sum (A V) over all T
 positions (non-causal: no halving), and f the share of positions that reach the MLM head (its
 transform H x H and its decoder H x V): f = mask_prob when the head runs on masked positions
@@ -33,14 +34,22 @@ from typing import Any
 import torch
 
 
-def layer_matmul_params(num_layers: int, hidden: int, intermediate: int) -> int:
-    """Weight-matrix parameters of the encoder layers: L * (4 H^2 + 2 H I)."""
-    return num_layers * (4 * hidden * hidden + 2 * hidden * intermediate)
+GATED_FFN_FAMILIES = ("modernbert",)  # model_type values whose feed-forward is gated (3 matrices)
 
 
-def encoder_flops_per_token(num_layers: int, hidden: int, intermediate: int, seq_len: int) -> float:
+def ffn_matrices(config: Any) -> int:
+    """H x I matrices per feed-forward: 3 when gated (GeGLU), else 2."""
+    return 3 if getattr(config, "model_type", "") in GATED_FFN_FAMILIES else 2
+
+
+def layer_matmul_params(num_layers: int, hidden: int, intermediate: int, ffn: int = 2) -> int:
+    """Weight-matrix parameters of the encoder layers: L * (4 H^2 + ffn H I), ffn = 2 or 3 (gated)."""
+    return num_layers * (4 * hidden * hidden + ffn * hidden * intermediate)
+
+
+def encoder_flops_per_token(num_layers: int, hidden: int, intermediate: int, seq_len: int, ffn: int = 2) -> float:
     """Training FLOPs per token of the encoder layers: 6 N_layers + 12 L T H."""
-    return 6.0 * layer_matmul_params(num_layers, hidden, intermediate) + 12.0 * num_layers * seq_len * hidden
+    return 6.0 * layer_matmul_params(num_layers, hidden, intermediate, ffn) + 12.0 * num_layers * seq_len * hidden
 
 
 def mlm_head_flops_per_token(hidden: int, vocab_size: int, head_fraction: float) -> float:
@@ -49,9 +58,9 @@ def mlm_head_flops_per_token(hidden: int, vocab_size: int, head_fraction: float)
 
 
 def mlm_flops_per_token(config: Any, seq_len: int, head_fraction: float) -> float:
-    """Training FLOPs per input token of a BertForMaskedLM (an HF BertConfig-like object)."""
+    """Training FLOPs per input token of a masked-LM model (an HF BERT / RoFormer / ModernBERT config)."""
     return encoder_flops_per_token(
-        config.num_hidden_layers, config.hidden_size, config.intermediate_size, seq_len
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size, seq_len, ffn_matrices(config)
     ) + mlm_head_flops_per_token(config.hidden_size, config.vocab_size, head_fraction)
 
 

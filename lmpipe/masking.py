@@ -13,13 +13,16 @@
   stay. Labels are the original ids at selected positions and -100 elsewhere. The generator is
   seeded by (seed, step, shard), so the masks too are a pure function of the step.
 - Validation windows: `eval_batches x batch_size` windows evenly spaced over `val.bin` with
-  masks seeded by (seed, batch index): the same held-out set at every evaluation.
+  masks seeded by (seed, batch index): the same held-out set at every evaluation. Every
+  selected validation token becomes [MASK] (no 10% random / 10% kept): with kept tokens the
+  answer sits in the input, and a model that learns to copy would look better than it is
+  (a 2-layer probe read perplexity 520 with 80/10/10 against 810 all-[MASK]).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -145,9 +148,10 @@ class MLMBatches:
                       sep_id=special["sep"], masking=config)
         return batches, meta
 
-    def _make(self, tokens: np.ndarray, starts: Sequence[int], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def _make(self, tokens: np.ndarray, starts: Sequence[int], gen: torch.Generator,
+              masking: MaskingConfig | None = None) -> dict[str, torch.Tensor]:
         ids = windows(tokens, starts, self.window, self.cls_id, self.sep_id)
-        inputs, labels = mask_tokens(ids, self.masking, gen)
+        inputs, labels = mask_tokens(ids, masking or self.masking, gen)
         return {"input_ids": inputs, "labels": labels}
 
     def train_starts(self, step: int, world: int) -> np.ndarray:
@@ -162,12 +166,21 @@ class MLMBatches:
         starts = self.train_starts(step, world)[shard * self.batch_size : (shard + 1) * self.batch_size]
         return self._make(self.train_tokens, starts, generator(self.seed, step, shard))
 
-    def val_batches(self) -> list[dict[str, torch.Tensor]]:
-        """The fixed held-out batches: evenly spaced windows, fixed masks."""
+    def _val_starts(self) -> np.ndarray:
         count = self.eval_batches * self.batch_size
-        starts = np.linspace(0, len(self.val_tokens) - self.window, count).astype(np.int64)
+        return np.linspace(0, len(self.val_tokens) - self.window, count).astype(np.int64)
+
+    def val_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The fixed held-out batches: evenly spaced windows, fixed masks, every target [MASK]."""
+        starts = self._val_starts()
+        all_masked = replace(self.masking, mask_replace=1.0, random_replace=0.0)
         return [
             self._make(self.val_tokens, starts[i * self.batch_size : (i + 1) * self.batch_size],
-                       generator(self.seed, EVAL_STREAM, i))
+                       generator(self.seed, EVAL_STREAM, i), all_masked)
             for i in range(self.eval_batches)
         ]
+
+    def spread_ids(self) -> torch.Tensor:
+        """Unmasked held-out windows (the first validation batch's) for the collapse monitor."""
+        return windows(self.val_tokens, self._val_starts()[: self.batch_size], self.window,
+                       self.cls_id, self.sep_id)

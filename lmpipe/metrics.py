@@ -203,6 +203,23 @@ def bootstrap_ci(
     return out
 
 
+def accuracy_difference_ci(
+    correct_a: Any, correct_b: Any, n_samples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(acc_a - acc_b, low, high): the accuracy difference of two models on the same examples
+    and its paired percentile bootstrap interval (both models scored on each resample, the
+    resamples of `bootstrap_resamples`, so the interval matches the per-model ones)."""
+    a = np.asarray(correct_a, dtype=np.float64)
+    b = np.asarray(correct_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"correctness vectors must be 1-D, equal length and non-empty ({a.shape} vs {b.shape})")
+    diff = a - b
+    values = np.concatenate([w @ diff / len(diff) for w in bootstrap_resamples(len(diff), n_samples, seed)])
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(diff.mean()), float(low), float(high)
+
+
 def mcnemar(correct_a: Any, correct_b: Any) -> dict[str, Any]:
     """McNemar's test of two models' per-example correctness on the same examples.
 

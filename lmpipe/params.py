@@ -114,18 +114,24 @@ class TokenizeParams(Schema):
 
 # --------------------------------------------------------------------------- training (shared)
 class Architecture(Schema):
-    num_layers: int = Field(4, ge=1)
+    family: Literal["bert", "roformer", "modernbert"] = "modernbert"
+    """Encoder family (a stock transformers class, loaded with the Auto classes): `bert` = learned
+    absolute positions, post-LN; `roformer` = rotary positions, post-LN; `modernbert` = rotary,
+    pre-LN, GeGLU feed-forward, no biases, classifies by mean pooling. Rotary positions are what
+    lets a small CPU budget learn context (README, "What pretraining learns")."""
+    num_layers: int = Field(2, ge=1)
     """Transformer encoder layers."""
-    hidden_size: int = Field(256, ge=8)
+    hidden_size: int = Field(128, ge=8)
     """Model width; must divide by num_heads."""
-    num_heads: int = Field(4, ge=1)
+    num_heads: int = Field(2, ge=1)
     """Attention heads per layer (head size = hidden_size / num_heads = 64)."""
-    intermediate_size: int = Field(1024, ge=8)
-    """Feed-forward width (4 x hidden, as in BERT)."""
+    intermediate_size: int = Field(384, ge=8)
+    """Feed-forward width (BERT: 4 x hidden; a gated GeGLU feed-forward, 3 matrices: ~3 x hidden)."""
     max_length: int = Field(128, ge=8)
-    """Longest sequence in tokens, [CLS] and [SEP] included (position embeddings)."""
-    dropout: float = Field(0.1, ge=0, lt=1)
-    """Dropout on hidden states and attention probabilities."""
+    """Longest sequence in tokens, [CLS] and [SEP] included (the pretraining window; the saved
+    model's max_position_embeddings)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on hidden states and attention probabilities (and embeddings for modernbert)."""
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "Architecture":
@@ -137,32 +143,32 @@ class Architecture(Schema):
 
 
 class Optimizer(Schema):
-    lr: float = Field(1e-3, gt=0, le=1)
-    """Peak learning rate of AdamW, reached after warmup (1e-3 beat 2e-3..5e-3 for the default model)."""
+    lr: float = Field(2e-3, gt=0, le=1)
+    """Peak learning rate of AdamW, reached after warmup (2e-3 beat 1e-3 for the default 2 x 128 model)."""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW decoupled weight decay; biases and norm weights are excluded."""
     betas: tuple[float, float] = (0.9, 0.98)
     """AdamW betas (0.98 as in RoBERTa: steadier with large lr)."""
-    warmup_steps: int = Field(27, ge=0)
+    warmup_steps: int = Field(140, ge=0)
     """Linear warmup from 0 to lr over this many optimizer steps."""
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """Cosine decay ends at lr * min_lr_ratio at the last step."""
     clip_norm: float | None = Field(1.0, gt=0)
     """Global gradient-norm clipping; null disables it."""
 
 
 class Loop(Schema):
-    max_steps: int = Field(270, ge=1)
+    max_steps: int = Field(1400, ge=1)
     """Optimizer steps to run (the step budget sets the stage's wall time: ~4 min on 2 cores)."""
     batch_size: int = Field(32, ge=1)
     """Sequences per micro-batch per process."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated per optimizer step."""
-    eval_every: int = Field(90, ge=1)
+    eval_every: int = Field(350, ge=1)
     """Evaluate on the validation data every this many steps (and at the end)."""
-    checkpoint_every: int = Field(90, ge=1)
+    checkpoint_every: int = Field(350, ge=1)
     """Write a resumable checkpoint every this many steps (SIGTERM also writes one)."""
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(50, ge=1)
     """Log loss, lr, grad norm, tokens/s and MFU every this many steps."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """`auto` = bf16 autocast on CUDA with bf16 support, fp32 elsewhere (bf16 is ~100x slower on this CPU)."""
@@ -178,7 +184,10 @@ class PretrainParams(Schema):
     random_replace: float = Field(0.1, ge=0, le=1)
     """Of the selected tokens, the share replaced by a random token (BERT: 10%; the rest stay)."""
     eval_batches: int = Field(20, ge=1)
-    """Validation batches per evaluation (held-out perplexity)."""
+    """Validation batches per evaluation (held-out perplexity, every target [MASK]ed)."""
+    collapse_spread: float = Field(0.05, ge=0, lt=1)
+    """Collapse alarm: when `pooled_spread` (||X - mean X|| / ||X|| of mean-pooled held-out
+    vectors) ends below this, the run warns and is tagged lmpipe.collapsed=true."""
     optim: Optimizer = Optimizer()
     """Optimizer and schedule."""
     loop: Loop = Loop()
@@ -195,6 +204,9 @@ class PretrainParams(Schema):
 class BackboneRun(Schema):
     source: str = Field(min_length=1)
     """Folder of the backbone checkpoint (a DVC output: models/pretrained or models/minilm)."""
+    init: Literal["pretrained", "random"] = "pretrained"
+    """`pretrained` loads the source's weights; `random` builds the source's architecture (its
+    config.json) with fresh seeded weights: the control arm that shows what pretraining adds."""
     mode: Literal["full", "frozen", "lora"] = "full"
     """full = every weight trains; frozen = only the head, i.e. pooler + classifier (plus top layers);
     lora = adapters + pooler + classifier, merged into the weights before saving."""
@@ -202,6 +214,10 @@ class BackboneRun(Schema):
     """Peak learning rate for this backbone."""
     max_steps: int = Field(100, ge=1)
     """Optimizer steps (upper bound: early stopping may end sooner)."""
+    lora_target_modules: list[str] | None = None
+    """In `lora` mode, the Linear modules that get adapters for this backbone; null = the shared
+    finetune.lora.target_modules. Families name them differently: BERT, RoFormer and MiniLM
+    `query`, `key`, `value`; ModernBERT `Wqkv` (fused attention input) and `Wo`."""
 
 
 class FrozenParams(Schema):

@@ -123,7 +123,8 @@ def _curve_sources(reports_root: Path) -> dict[str, list[Path]]:
 
 
 def curves_figure(name: str, frames: Mapping[str, Any]) -> Figure | None:
-    """One panel per logged quantity (x = step); train `loss` and `val_loss` share a panel."""
+    """One panel per logged quantity (x = step); train `loss` and `val_loss` share a panel, and the
+    unigram reference is drawn in the perplexity panel (the line a masked-LM must get under)."""
     series: dict[str, list[tuple[str, Any, Any]]] = {}
     for file, frame in frames.items():
         if "step" not in frame.columns:
@@ -131,7 +132,7 @@ def curves_figure(name: str, frames: Mapping[str, Any]) -> Figure | None:
         for column in frame.columns:
             if column == "step" or not np.issubdtype(frame[column].dtype, np.number):
                 continue
-            panel = "loss" if column in ("loss", "val_loss") else column
+            panel = {"val_loss": "loss", "unigram_perplexity": "val_perplexity"}.get(column, column)
             series.setdefault(panel, []).append((f"{column}", frame["step"], frame[column]))
     if not series:
         return None
@@ -169,3 +170,23 @@ def training_curve_figures(reports_root: str | Path) -> dict[str, Figure]:
         if fig is not None:
             out[name] = fig
     return out
+
+
+def payoff_figure(frame: Any) -> Figure:
+    """The pretraining-payoff study: accuracy difference (pretrained - random init) with its 95%
+    interval against the pretraining budget, one line per label count; zero = no payoff."""
+    fig = _figure(6.0, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for labels, group in frame.groupby(frame["labels"].astype(str), sort=False):
+        group = group.groupby("budget", as_index=False)[["difference", "ci_low", "ci_high"]].mean()
+        err = [group["difference"] - group["ci_low"], group["ci_high"] - group["difference"]]
+        ax.errorbar(group["budget"], group["difference"], yerr=err, marker="o", capsize=3, linewidth=1.2,
+                    label=f"{labels} labels")
+    ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("pretraining budget (x the default pretrain.loop.max_steps)", fontsize=8)
+    ax.set_ylabel("test accuracy: pretrained - random init", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    ax.set_title("When does pretraining pay?", fontsize=10)
+    return fig

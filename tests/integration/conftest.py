@@ -35,6 +35,7 @@ TINY: dict[str, Any] = {
     "finetune": {
         "backbones": {
             "scratch": {"max_steps": 8, "lr": 1e-3},
+            "random": {"max_steps": 8, "lr": 1e-3},
             "minilm": {"max_steps": 4},
         },
         "max_length": 64,

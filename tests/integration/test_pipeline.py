@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 STAGES = {
     "fetch", "fetch_backbone", "preprocess", "tokenize", "pretrain",
-    "finetune@scratch", "finetune@minilm", "baseline", "evaluate", "export",
+    "finetune@scratch", "finetune@random", "finetune@minilm", "baseline", "evaluate", "export",
 }
 
 
@@ -79,8 +79,24 @@ def test_dvc_metrics_show_lists_the_headline_metrics(pipeline):
     shown = json.loads(dvc("metrics", "show", "--json", cwd=pipeline["path"]).stdout)
     text = json.dumps(shown)
     assert "reports/evaluate/metrics.json" in text
-    for key in ("accuracy", "f1", "roc_auc", "ece", "val_perplexity"):
+    for key in ("accuracy", "f1", "roc_auc", "ece", "val_perplexity", "perplexity_vs_unigram", "pooled_spread"):
         assert key in text, key
+
+
+def test_evaluate_compares_the_pretrained_encoder_with_its_random_init_control(pipeline):
+    path = pipeline["path"]
+    head = json.loads((path / "reports/evaluate/metrics.json").read_text())
+    assert set(head) >= {"baseline", "scratch", "random", "minilm"}
+    scratch = head["scratch"]
+    diff = scratch["accuracy"] - head["random"]["accuracy"]
+    assert scratch["vs_random_accuracy_diff"] == pytest.approx(diff)
+    assert scratch["vs_random_ci_low"] <= scratch["vs_random_accuracy_diff"] <= scratch["vs_random_ci_high"]
+    assert "vs_random_accuracy_diff" not in head["minilm"]  # no random-init twin of MiniLM
+    assert "| scratch | random |" in (path / "reports/evaluate/comparison.md").read_text()
+    info = json.loads((path / "models/finetuned/random/lmpipe.json").read_text())
+    assert (info["init"], info["source"]) == ("random", "models/pretrained")
+    pretrain = json.loads((path / "reports/pretrain/metrics.json").read_text())
+    assert pretrain["unigram_perplexity"] > 1 and pretrain["perplexity_vs_unigram"] > 0
 
 
 def test_forced_rerun_of_data_stages_gives_identical_bytes(pipeline):

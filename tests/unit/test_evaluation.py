@@ -57,7 +57,7 @@ def _bert_config(vocab_size: int, **extra):
                       intermediate_size=32, max_position_embeddings=16, **extra)
 
 
-def _classifier(folder: Path, label_names: list[str], seed: int) -> None:
+def _classifier(folder: Path, label_names: list[str], seed: int, **info_extra) -> None:
     import torch
     from transformers import BertForSequenceClassification
 
@@ -69,7 +69,7 @@ def _classifier(folder: Path, label_names: list[str], seed: int) -> None:
                           id2label=dict(enumerate(label_names)),
                           label2id={n: i for i, n in enumerate(label_names)})
     info = {"backbone": "tiny", "mode": "full", "max_length": 12, "truncation": "head_tail",
-            "best_step": 0, "val_metrics": {}}
+            "best_step": 0, "val_metrics": {}, **info_extra}
     save_classifier(BertForSequenceClassification(config).eval(), tokenizer, folder, info)
 
 
@@ -90,7 +90,8 @@ def _build_project(root: Path) -> Path:
     _, blob = baseline.fit(train_texts, train_labels, BaselineParams(), 0, LABELS)
     baseline.save(blob, root / "models/baseline")
 
-    _classifier(root / "models/finetuned/tiny", LABELS, seed=3)
+    _classifier(root / "models/finetuned/tiny", LABELS, seed=3, init="pretrained", source="models/pretrained")
+    _classifier(root / "models/finetuned/tiny_random", LABELS, seed=5, init="random", source="models/pretrained")
 
     pretrained = root / "models/pretrained"
     tokenizer = _tokenizer(pretrained)
@@ -163,8 +164,9 @@ def test_comparison_table_has_a_row_per_model_with_intervals_and_mcnemar(result)
     header = next(line for line in table.splitlines() if line.startswith("| model"))
     for column in ("accuracy [95% CI]", "macro-F1 [95% CI]", "ROC-AUC", "ECE", "McNemar p vs baseline", "n test"):
         assert column in header
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
-    assert set(rows) == {"model", "baseline", "tiny"}
+    main = table.split("\n\n")[1]  # the first table; the control table comes later
+    rows = {line.split("|")[1].strip(): line for line in main.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"model", "baseline", "tiny", "tiny_random"}
     tiny = result.models[1]
     assert f"{tiny.metrics['accuracy']:.4f} [{tiny.ci['accuracy'][0]:.4f}, {tiny.ci['accuracy'][1]:.4f}]" in rows["tiny"]
     assert f"{tiny.mcnemar['b']} / {tiny.mcnemar['c']}" in rows["tiny"]
@@ -174,7 +176,7 @@ def test_comparison_table_has_a_row_per_model_with_intervals_and_mcnemar(result)
 
 def test_mcnemar_compares_each_transformer_with_the_baseline(result, project):
     test = E.load_test_set(project / "data/processed")
-    base, tiny = result.models
+    base, tiny = result.models[:2]
     assert base.mcnemar is None
     expected = M.mcnemar(tiny.probs.argmax(1) == test.labels, base.probs.argmax(1) == test.labels)
     assert tiny.mcnemar == expected
@@ -327,7 +329,8 @@ def test_stage_logs_all_params_flat_metrics_artifacts_and_upstream_runs(project,
     assert not list((root / "reports").glob(".evaluate*"))  # no temporary folder left behind
     run = next(r for r in client.search_runs([exp]) if r.data.tags.get("lmpipe.stage") == "evaluate")
     assert run.info.status == "FINISHED"
-    assert run.data.params["pretrain.optim.lr"] == "0.001" and run.data.params["evaluate.ece_bins"] == "10"
+    assert run.data.params["pretrain.optim.lr"] == "0.002" and run.data.params["evaluate.ece_bins"] == "10"
+    assert run.data.metrics["tiny.vs_random_accuracy_diff"] == pytest.approx(head["tiny"]["vs_random_accuracy_diff"])
     assert run.data.metrics["tiny.accuracy"] == pytest.approx(head["tiny"]["accuracy"])
     assert run.data.metrics["baseline.accuracy"] == pytest.approx(head["baseline"]["accuracy"])
     assert run.data.metrics["pretrained.test_mlm_perplexity"] == pytest.approx(head["pretrained"]["test_mlm_perplexity"])
@@ -338,3 +341,31 @@ def test_stage_logs_all_params_flat_metrics_artifacts_and_upstream_runs(project,
     assert {"comparison.md", "metrics.json", "plots"} <= artifacts
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/confusion_tiny.png" in plots and "plots/curves_pretrain.png" in plots
+
+
+def test_pretrained_model_is_compared_with_its_random_init_twin(result, project):
+    by_name = {r.name: r for r in result.models}
+    assert set(by_name) == {"baseline", "tiny", "tiny_random"}
+    assert by_name["tiny_random"].control is None and by_name["baseline"].control is None
+    control = by_name["tiny"].control
+    labels = result.test.labels
+    tiny_ok = by_name["tiny"].probs.argmax(1) == labels
+    random_ok = by_name["tiny_random"].probs.argmax(1) == labels
+    assert control["name"] == "tiny_random"
+    assert control["accuracy_diff"] == pytest.approx(tiny_ok.mean() - random_ok.mean())
+    assert control["ci_low"] <= control["accuracy_diff"] <= control["ci_high"]
+    assert (control["b"], control["c"]) == (int(np.sum(tiny_ok & ~random_ok)), int(np.sum(~tiny_ok & random_ok)))
+    head = E.headline(result)
+    assert head["tiny"]["vs_random_accuracy_diff"] == pytest.approx(control["accuracy_diff"])
+    assert head["tiny"]["vs_random_mcnemar_p"] == control["p_value"]
+    table = E.comparison_table(result)
+    assert "What pretraining adds" in table and "| tiny | tiny_random |" in table
+
+
+def test_no_control_section_without_a_random_init_model(project):
+    test = E.load_test_set(project / "data/processed")
+    models = [m for m in E.find_models(project / "models/baseline", project / "models/finetuned")
+              if m.name != "tiny_random"]
+    got = E.evaluate(test, models, pretrained=None, settings=SETTINGS, seed=0)
+    assert all(r.control is None for r in got.models)
+    assert "What pretraining adds" not in E.comparison_table(got)

@@ -324,3 +324,62 @@ def test_missing_backbone_folder_is_named(project):
     shutil.rmtree(project / "models/tiny")
     with pytest.raises(LmpipeError, match=r"models/tiny/config.json: file not found"):
         main(["tiny"])
+
+
+# --------------------------------------------------------------------------- encoder families, control arm
+def make_family_backbone(folder: Path, family: str) -> Path:
+    """A tiny masked-LM of `family` saved as the pretrain stage saves it (models.save_mlm)."""
+    from transformers import BertTokenizerFast
+
+    from lmpipe import models
+    from lmpipe.params import Architecture
+
+    arch = Architecture(family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                        max_length=64, dropout=0.0)
+    mlm = models.build_mlm(models.mlm_config(arch, len(VOCAB), {"pad": 0, "cls": 2, "sep": 3}), 0)
+    BertTokenizerFast(vocab=VOCAB).save_pretrained(folder / "tok")
+    models.save_mlm(mlm, folder / "tok", folder / "model")
+    return folder / "model"
+
+
+FAMILY_LORA = {"roformer": ["query", "value"], "modernbert": ["Wqkv"]}
+
+
+@pytest.mark.parametrize("family", ["roformer", "modernbert"])
+@pytest.mark.parametrize("mode", ["full", "frozen", "lora"])
+def test_every_encoder_family_fine_tunes_in_every_mode_and_reloads(tmp_path, family, mode, one_thread):
+    from transformers import AutoModelForSequenceClassification
+
+    source = make_family_backbone(tmp_path, family)
+    tokenizer = ft.load_tokenizer(source)
+    model = ft.build_classifier(source, LABELS, mode=mode, seed=0,
+                                lora=LoraParams(rank=4, target_modules=FAMILY_LORA[family]))
+    before = snapshot(model)
+    moved = changed(before, train_a_little(model, tokenizer))
+    prefix = model.base_model_prefix + "."
+    backbone_moved = {k for k in moved if k.startswith(prefix) and "lora_" not in k}
+    if mode == "full":
+        assert backbone_moved and any(k.startswith("classifier") for k in moved)
+    else:  # frozen: head only; lora: adapters + head
+        assert backbone_moved == set() and any("classifier" in k for k in moved)
+    batch = ft.collate(ft.encode_texts(tokenizer, ["good movie", "bad film w3 w4"], 32, "head")["input_ids"], None, 0)
+    plain = ft.plain_model(model).eval()
+    with torch.no_grad():
+        expected = plain(**batch).logits
+    ft.save_classifier(plain, tokenizer, tmp_path / "out", {"max_length": 32})
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_random_init_builds_the_same_architecture_with_fresh_seeded_weights(backbone):
+    pretrained = ft.build_classifier(backbone, LABELS, mode="full", seed=7)
+    random_a = ft.build_classifier(backbone, LABELS, mode="full", seed=7, init="random")
+    random_b = ft.build_classifier(backbone, LABELS, mode="full", seed=7, init="random")
+    key = "bert.encoder.layer.0.attention.self.query.weight"
+    assert type(random_a) is type(pretrained) and random_a.config.hidden_size == pretrained.config.hidden_size
+    assert set(random_a.state_dict()) == set(pretrained.state_dict())
+    assert not torch.equal(random_a.state_dict()[key], pretrained.state_dict()[key])
+    assert all(torch.equal(v, random_b.state_dict()[k]) for k, v in random_a.state_dict().items())
+    with pytest.raises(LmpipeError, match="init must be one of"):
+        ft.build_classifier(backbone, LABELS, mode="full", seed=7, init="imagenet")

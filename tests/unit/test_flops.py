@@ -29,14 +29,16 @@ def test_mlm_head_is_counted_only_on_the_share_of_positions_it_sees():
     assert flops.mlm_flops_per_token(cfg, 16, 0.15) == pytest.approx(encoder + 0.15 * head_all)
 
 
-def test_formula_agrees_with_torch_flop_counter_on_a_real_bert():
+@pytest.mark.parametrize("family", ["bert", "roformer", "modernbert"])
+def test_formula_agrees_with_torch_flop_counter_on_each_family(family):
     from torch.utils.flop_counter import FlopCounterMode
 
     from lmpipe import models
     from lmpipe.params import Architecture
 
-    arch = Architecture(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.0)
-    config = models.mlm_config(arch, 100, 0)
+    arch = Architecture(family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                        max_length=16, dropout=0.0)
+    config = models.mlm_config(arch, 100, {"pad": 0, "cls": 2, "sep": 3})
     config._attn_implementation = "eager"  # FlopCounterMode does not see inside CPU SDPA kernels
     mlm = models.build_mlm(config, 0)
     ids = torch.randint(5, 100, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -181,3 +181,18 @@ def test_bad_shapes_are_rejected():
         M.classification_metrics([0, 2], PROBS[:2])
     with pytest.raises(ValueError, match="equal length"):
         M.mcnemar([1, 0], [1])
+
+
+def test_accuracy_difference_interval_is_the_paired_bootstrap_of_the_difference():
+    a = np.array([1, 1, 1, 0, 1, 0, 1, 1, 0, 1], dtype=bool)
+    b = np.array([1, 0, 1, 0, 0, 0, 1, 0, 0, 1], dtype=bool)
+    diff, low, high = M.accuracy_difference_ci(a, b, n_samples=500, confidence=0.9, seed=3)
+    assert diff == pytest.approx(0.3)
+    per_resample = np.concatenate([w @ (a.astype(float) - b) / len(a) for w in M.bootstrap_resamples(len(a), 500, 3)])
+    assert (low, high) == pytest.approx(tuple(np.percentile(per_resample, [5, 95])))
+    assert 0 <= low <= diff <= high  # b is never right where a is wrong: no resample goes below 0
+
+
+def test_accuracy_difference_of_a_model_with_itself_is_exactly_zero():
+    a = np.array([1, 0, 1, 1, 0], dtype=bool)
+    assert M.accuracy_difference_ci(a, a, n_samples=50) == (0.0, 0.0, 0.0)

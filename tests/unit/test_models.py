@@ -11,14 +11,15 @@ from lmpipe import masking, models
 from lmpipe.params import Architecture
 
 VOCAB, PAD, CLS, SEP, MASK, UNK = 100, 0, 2, 3, 4, 1
-ARCH = Architecture(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.0)
+SPECIAL = {"pad": PAD, "cls": CLS, "sep": SEP, "mask": MASK, "unk": UNK}
+ARCH = Architecture(family="bert", num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_mlm(seed: int = 0):
-    return models.build_mlm(models.mlm_config(ARCH, VOCAB, PAD), seed)
+    return models.build_mlm(models.mlm_config(ARCH, VOCAB, SPECIAL), seed)
 
 
 def masked_batch(seed: int = 0, batch: int = 4):
@@ -122,3 +123,123 @@ def test_saved_folder_loads_with_automodel_and_tokenizer(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer.mask_token == "[MASK]"
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == ARCH.max_length
+
+
+# --------------------------------------------------------------------------- families
+def family_mlm(family: str, seed: int = 0):
+    arch = Architecture(family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                        max_length=16, dropout=0.0)
+    return models.build_mlm(models.mlm_config(arch, VOCAB, SPECIAL), seed)
+
+
+@pytest.mark.parametrize("family", ["bert", "roformer", "modernbert"])
+def test_masked_only_loss_equals_full_head_loss_for_every_family(family):
+    mlm = family_mlm(family).eval()
+    inputs, labels = masked_batch(seed=4)
+    with torch.no_grad():
+        masked_only = models.masked_lm_loss(mlm, inputs, labels)
+        full = mlm(input_ids=inputs, labels=labels).loss
+    torch.testing.assert_close(masked_only, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,cls_name", [("roformer", "RoFormerForMaskedLM"),
+                                             ("modernbert", "ModernBertForMaskedLM")])
+def test_every_family_saves_a_folder_the_auto_classes_load(tmp_path, family, cls_name):
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    mlm = family_mlm(family).eval()
+    out = tmp_path / "out"
+    models.save_mlm(mlm, _tokenizer_dir(tmp_path / "tok"), out)
+    loaded = AutoModelForMaskedLM.from_pretrained(out, local_files_only=True).eval()
+    assert type(loaded).__name__ == cls_name
+    inputs, _ = masked_batch(seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=inputs).logits, mlm(input_ids=inputs).logits)
+    classifier = AutoModelForSequenceClassification.from_pretrained(out, num_labels=2, local_files_only=True)
+    assert classifier(input_ids=inputs).logits.shape == (inputs.shape[0], 2)
+
+
+def test_unknown_family_is_an_error_naming_the_key():
+    arch = Architecture.model_construct(**{**ARCH.model_dump(), "family": "gpt"})
+    with pytest.raises(Exception, match="pretrain.model.family"):
+        models.mlm_config(arch, VOCAB, SPECIAL)
+
+
+# --------------------------------------------------------------------------- honest metrics
+def test_unigram_log_probs_are_add_one_smoothed_train_frequencies():
+    import numpy as np
+
+    logp = models.unigram_log_probs(np.array([5, 5, 6], dtype=np.uint16), 8)
+    # counts + 1 = [1, 1, 1, 1, 1, 3, 2, 1], total 11
+    assert logp[5].item() == pytest.approx(np.log(3 / 11))
+    assert logp[6].item() == pytest.approx(np.log(2 / 11))
+    assert logp[0].item() == pytest.approx(np.log(1 / 11))
+    assert logp.exp().sum().item() == pytest.approx(1.0)
+
+
+def test_evaluate_mlm_scores_the_unigram_reference_on_the_same_targets():
+    import numpy as np
+
+    mlm = tiny_mlm().eval()
+    labels = torch.full((1, ARCH.max_length), masking.IGNORE)
+    labels[0, 1], labels[0, 2], labels[0, 3] = 5, 5, 6
+    inputs = torch.full((1, ARCH.max_length), 7)
+    inputs[0, 1:4] = MASK
+    logp = models.unigram_log_probs(np.array([5, 5, 6], dtype=np.uint16), VOCAB)
+    with torch.no_grad():
+        got = models.evaluate_mlm(mlm, [{"input_ids": inputs, "labels": labels}], torch.device("cpu"), logp)
+    total = len([5, 5, 6]) + VOCAB
+    expected = np.exp(-(2 * np.log(3 / total) + np.log(2 / total)) / 3)
+    assert got["unigram_perplexity"] == pytest.approx(expected)
+    assert got["perplexity_vs_unigram"] == pytest.approx(got["val_perplexity"] / expected)
+
+
+def test_validation_batches_mask_every_target_while_training_keeps_some():
+    import numpy as np
+
+    tokens = (np.arange(4000) % 90 + 5).astype(np.uint16)
+    cfg = masking.MaskingConfig(0.3, 0.8, 0.1, MASK, VOCAB, (PAD, UNK, CLS, SEP, MASK))
+    data = masking.MLMBatches(tokens, tokens[:800], max_length=16, batch_size=8, grad_accum=1, eval_batches=3,
+                              seed=0, cls_id=CLS, sep_id=SEP, masking=cfg)
+    for batch in data.val_batches():
+        targets = batch["labels"] != masking.IGNORE
+        assert targets.any() and bool((batch["input_ids"][targets] == MASK).all())
+    train = data.batch_at(0, 0, 0, 1)
+    targets = train["labels"] != masking.IGNORE
+    assert not bool((train["input_ids"][targets] == MASK).all())  # 80/10/10 in training only
+
+
+class _FixedEncoder(torch.nn.Module):
+    """A stand-in whose base_model returns the given hidden states (unit test of the formula)."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    @property
+    def base_model(self):
+        return lambda ids, return_dict=True: type("Out", (), {"last_hidden_state": self.hidden})()
+
+
+def test_pooled_spread_is_zero_for_a_collapsed_encoder_and_large_for_distinct_inputs():
+    same = torch.ones(4, 3, 8)
+    assert models.pooled_spread(_FixedEncoder(same), torch.zeros(4, 3)) == pytest.approx(0.0)
+    distinct = torch.eye(4)[:, None, :].expand(4, 3, 4)  # orthogonal pooled vectors
+    spread = models.pooled_spread(_FixedEncoder(distinct), torch.zeros(4, 3))
+    # X = I4: mean row 1/4 everywhere, ||X - mean|| = sqrt(4 x 3/4) = sqrt(3), ||X|| = 2
+    assert spread == pytest.approx(3**0.5 / 2)
+
+
+def test_collapse_alarm_warns_below_the_threshold_only(caplog):
+    with caplog.at_level("WARNING"):
+        assert models.collapsed({"pooled_spread": 0.01}, 0.05)
+        assert not models.collapsed({"pooled_spread": 0.2}, 0.05)
+    assert [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()] != []
+    assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+
+
+def test_a_random_init_encoder_is_not_collapsed():
+    mlm = family_mlm("roformer").eval()
+    inputs, _ = masked_batch(seed=6)
+    with torch.no_grad():
+        assert models.pooled_spread(mlm, inputs) > 0.05

@@ -43,7 +43,7 @@ def test_every_field_has_a_docstring():
         (lambda r: r["preprocess"].update(val_fraction=0.7), "preprocess.val_fraction must be < 0.5"),
         (lambda r: r["base"].update(seed="abc"), "base.seed"),
         (lambda r: r["pretrain"]["model"].update(num_heads=3), "divisible by num_heads"),
-        (lambda r: r["export"].update(model="gpt"), "export.model must be one of ['best', 'scratch', 'minilm']"),
+        (lambda r: r["export"].update(model="gpt"), "export.model must be one of ['best', 'scratch', 'random', 'minilm']"),
         (lambda r: r["fetch"]["packages"]["imdb"].update(sha256="xyz"), "fetch.packages.imdb.sha256"),
         (lambda r: r.update(extra={}), "extra is not a known key"),
     ],
@@ -69,5 +69,6 @@ def test_missing_and_malformed_files_are_clear(tmp_path):
 
 def test_flatten_gives_dotted_keys(project_root):
     flat = flatten(load_params(project_root / "params.yaml"))
-    assert flat["pretrain.optim.lr"] == pytest.approx(1e-3)
+    assert flat["pretrain.optim.lr"] == pytest.approx(2e-3)
+    assert flat["finetune.backbones.random.init"] == "random"
     assert flat["finetune.backbones.minilm.source"] == "models/minilm"

@@ -65,14 +65,14 @@ def state_bytes(state) -> dict[str, bytes]:
 
 
 # tiny BERT masked-LM on a learnable corpus: a repeating 40-token pattern
-ARCH = Architecture(num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.1)
+ARCH = Architecture(family="bert", num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.1)
 PATTERN = (np.arange(3000) % 40 + 5).astype(np.uint16)
 
 
 def mlm_setup(seed: int = 0):
     from lmpipe import models  # transformers: imported only by the tests that use it
 
-    mlm = models.build_mlm(models.mlm_config(ARCH, 100, PAD), seed)
+    mlm = models.build_mlm(models.mlm_config(ARCH, 100, {"pad": PAD, "cls": CLS, "sep": SEP}), seed)
     cfg = masking.MaskingConfig(0.15, 0.8, 0.1, MASK, 100, (PAD, UNK, CLS, SEP, MASK))
     data = masking.MLMBatches(PATTERN, PATTERN[:600], max_length=16, batch_size=8, grad_accum=1,
                               eval_batches=2, seed=seed, cls_id=CLS, sep_id=SEP, masking=cfg)

@@ -1,0 +1,178 @@
+"""When does pretraining pay? Pretrain for increasing budgets, fine-tune at several label counts.
+
+    python -m studies.pretraining_payoff                       # = make study
+    python -m studies.pretraining_payoff --budgets 0.5,1,2 --labels 200,2000 --seeds 42
+
+For each pretraining budget (a multiple of the default `pretrain.loop.max_steps`, warmup and
+evaluation scaled with it) the encoder of `params.yaml` is pretrained with the stage's own code
+(lmpipe.pretraining.run_pretrain) on the pipeline's `data/tokens`. At each label count, the
+pretrained encoder and the same architecture at random init are fine-tuned with the
+`finetune.backbones.scratch` recipe (lmpipe.finetuning.run_finetune: same lr, steps, early
+stopping on validation loss; steps raised to one epoch when the label count needs more) on a
+stratified subsample of the train split, and both are scored on the test split: accuracy, the
+paired difference with its bootstrap 95% interval, McNemar's p. The random-init arm does not
+depend on the budget, so it is trained once per label count and seed.
+
+Writes reports/study/pretraining_payoff.{csv,md,png} (committed: the table the README quotes).
+It needs the outputs of `dvc repro tokenize` (data/processed, data/tokens, models/tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+PROCESSED, TOKENS, TOKENIZER = ROOT / "data/processed", ROOT / "data/tokens", ROOT / "models/tokenizer"
+OUT = ROOT / "reports/study"
+log = logging.getLogger("studies.pretraining_payoff")
+
+
+def budget_params(params: Any, budget: float, seed: int) -> Any:
+    """params with the pretraining budget scaled by `budget` (one evaluation at the end)."""
+    loop, optim = params.pretrain.loop, params.pretrain.optim
+    steps = max(1, round(loop.max_steps * budget))
+    pretrain = params.pretrain.model_copy(update={
+        "loop": loop.model_copy(update={"max_steps": steps, "eval_every": steps, "checkpoint_every": steps}),
+        "optim": optim.model_copy(update={"warmup_steps": round(optim.warmup_steps * budget)}),
+    })
+    return params.model_copy(update={"pretrain": pretrain, "base": params.base.model_copy(update={"seed": seed})})
+
+
+def finetune_params(params: Any, source: Path, init: str, labels: int | None, seed: int) -> Any:
+    """params whose only backbone `arm` runs the scratch recipe on `source` with `labels` examples."""
+    ft = params.finetune
+    recipe = ft.backbones["scratch"]
+    epoch = math.ceil((labels or 10**9) / ft.batch_size) if labels else recipe.max_steps
+    run = recipe.model_copy(update={"source": str(source), "init": init, "max_steps": max(recipe.max_steps, epoch)})
+    finetune = ft.model_copy(update={"backbones": {"arm": run}, "max_train_examples": labels})
+    return params.model_copy(update={"finetune": finetune, "base": params.base.model_copy(update={"seed": seed})})
+
+
+def test_correct(model: Any, tokenizer: Any, params: Any) -> np.ndarray:
+    """Per-example correctness of a fine-tuned model on the test split (encoded as in training)."""
+    from lmpipe import finetuning
+
+    texts, labels = finetuning.load_split(PROCESSED, "test")
+    encoded = finetuning.encode_texts(tokenizer, texts, params.finetune.max_length, params.finetune.truncation)
+    return finetuning.predict_logits(model, encoded, tokenizer.pad_token_id).argmax(axis=1) == labels
+
+
+def finetune_arm(params: Any, source: Path, init: str, labels: int | None, seed: int, device: Any) -> dict[str, Any]:
+    from lmpipe import finetuning
+
+    p = finetune_params(params, source, init, labels, seed)
+    started = time.perf_counter()
+    done = finetuning.run_finetune(p, "arm", processed_dir=PROCESSED, checkpoint_dir=None, curves_dir=None,
+                                   device=device)
+    correct = test_correct(done.model, done.tokenizer, p)
+    return {"correct": correct, "accuracy": float(correct.mean()), "val_accuracy": done.metrics["val_accuracy"],
+            "steps": done.metrics["steps"], "seconds": time.perf_counter() - started}
+
+
+def run_study(budgets: list[float], label_counts: list[int | None], seeds: list[int]) -> list[dict[str, Any]]:
+    from lmpipe import metrics as M
+    from lmpipe import models, pretraining
+    from lmpipe.params import load_params
+    from lmpipe.stage import setup_torch
+
+    params = load_params(ROOT / "params.yaml")
+    rows, random_arms = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            for budget in budgets:
+                device = setup_torch(seed, params.base.threads, params.base.device)
+                bp = budget_params(params, budget, seed)
+                started = time.perf_counter()
+                done = pretraining.run_pretrain(bp, tokens_dir=TOKENS, tokenizer_dir=TOKENIZER, device=device)
+                minutes = (time.perf_counter() - started) / 60
+                source = Path(tmp) / f"encoder-{seed}-{budget}"
+                models.save_mlm(done.mlm.to("cpu"), TOKENIZER, source)
+                log.info("budget %gx: %d steps, %.1f min, perplexity %.1f (%.3fx unigram)", budget,
+                         done.metrics["steps"], minutes, done.metrics["val_perplexity"],
+                         done.metrics["perplexity_vs_unigram"])
+                for labels in label_counts:
+                    if (seed, labels) not in random_arms:  # the control does not depend on the budget
+                        random_arms[(seed, labels)] = finetune_arm(params, source, "random", labels, seed, device)
+                    control = random_arms[(seed, labels)]
+                    treated = finetune_arm(params, source, "pretrained", labels, seed, device)
+                    diff, low, high = M.accuracy_difference_ci(treated["correct"], control["correct"], 1000, 0.95, seed)
+                    test = M.mcnemar(treated["correct"], control["correct"])
+                    row = {"seed": seed, "budget": budget, "pretrain_steps": done.metrics["steps"],
+                           "pretrain_tokens": int(done.metrics["steps"] * bp.pretrain.loop.batch_size
+                                                  * bp.pretrain.model.max_length),
+                           "pretrain_minutes": round(minutes, 2),
+                           "perplexity_vs_unigram": round(done.metrics["perplexity_vs_unigram"], 4),
+                           "labels": labels or "all", "finetune_steps": treated["steps"],
+                           "pretrained_accuracy": treated["accuracy"], "random_accuracy": control["accuracy"],
+                           "difference": diff, "ci_low": low, "ci_high": high, "mcnemar_p": test["p_value"]}
+                    log.info("budget %gx, %s labels: pretrained %.4f, random %.4f, difference %+.4f [%+.4f, %+.4f]",
+                             budget, row["labels"], row["pretrained_accuracy"], row["random_accuracy"], diff, low, high)
+                    rows.append(row)
+                    write_outputs(rows)  # a partial table survives an interrupted study
+    return rows
+
+
+def verdict(rows: list[dict[str, Any]]) -> str:
+    """One sentence: the smallest budget (and label count) at which pretraining wins significantly."""
+    wins = [r for r in rows if r["ci_low"] > 0]
+    if not wins:
+        return ("Pretraining did not win at any budget and label count tried: no pretrained arm's "
+                "accuracy difference has a 95% interval above zero.")
+    first = min(wins, key=lambda r: (r["budget"], str(r["labels"])))
+    return (f"Pretraining first wins at {first['budget']}x the default budget ({first['pretrain_minutes']:.1f} min, "
+            f"{first['pretrain_tokens']:,} tokens) with {first['labels']} labels: "
+            f"{first['difference']:+.4f} [{first['ci_low']:+.4f}, {first['ci_high']:+.4f}].")
+
+
+def write_outputs(rows: list[dict[str, Any]]) -> None:
+    """reports/study/pretraining_payoff.csv, .md (table + verdict) and .png, atomically."""
+    import pandas as pd
+
+    from lmpipe import plots
+    from lmpipe.io import atomic_file, write_text
+
+    frame = pd.DataFrame(rows)
+    with atomic_file(OUT / "pretraining_payoff.csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.4f")
+    lines = ["# When does pretraining pay?", "",
+             "Test accuracy (2,000 reviews) of the pretrained encoder and the same architecture at random init, "
+             "both fine-tuned with the `finetune.backbones.scratch` recipe. Regenerate: `make study`.", "",
+             "| seed | budget | pretrain steps | tokens | minutes | ppl / unigram | labels | pretrained | random | difference [95% CI] | McNemar p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['budget']}x | {r['pretrain_steps']} | {r['pretrain_tokens']:,} | "
+                     f"{r['pretrain_minutes']:.1f} | {r['perplexity_vs_unigram']:.3f} | {r['labels']} | "
+                     f"{r['pretrained_accuracy']:.4f} | {r['random_accuracy']:.4f} | {r['difference']:+.4f} "
+                     f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['mcnemar_p']:.3g} |")
+    write_text(OUT / "pretraining_payoff.md", "\n".join(lines + ["", verdict(rows)]) + "\n")
+    plots.save(plots.payoff_figure(frame), OUT / "pretraining_payoff.png")
+
+
+def _labels(text: str) -> list[int | None]:
+    return [None if x == "all" else int(x) for x in text.split(",")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="0.25,0.5,1,2", help="multiples of pretrain.loop.max_steps")
+    parser.add_argument("--labels", default="200,2000,8000", help="label counts ('all' = the whole train split)")
+    parser.add_argument("--seeds", default="42", help="comma-separated seeds")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lmpipe.training", "lmpipe.finetuning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    rows = run_study([float(x) for x in args.budgets.split(",")], _labels(args.labels),
+                     [int(x) for x in args.seeds.split(",")])
+    print(verdict(rows))
+
+
+if __name__ == "__main__":
+    main()
