@@ -503,7 +503,17 @@ def fingerprint(params: Any, backbone: str, inputs: Sequence[str | Path]) -> str
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def train_config(params: Any, backbone: str) -> Any:
+def layer_lr_scales(num_layers: int, decay: float) -> tuple[tuple[str, float], ...]:
+    """(regex, multiplier) pairs of layer-wise lr decay (TrainConfig.lr_scales): encoder layer i
+    of L (0 = bottom) trains at decay^(L - i), the embeddings at decay^(L + 1), the head at 1.
+    Matches BERT/RoFormer (`encoder.layer.i.`) and ModernBERT (`layers.i.`) names, LoRA-wrapped too."""
+    if decay == 1.0:
+        return ()
+    layers = tuple((rf"(encoder\.layer|\blayers)\.{i}\.", decay ** (num_layers - i)) for i in range(num_layers))
+    return layers + ((r"\bembeddings\.", decay ** (num_layers + 1)),)
+
+
+def train_config(params: Any, backbone: str, num_layers: int = 0) -> Any:
     """The shared loop's TrainConfig from finetune params and the backbone's lr / max_steps."""
     from lmpipe.training import TrainConfig
 
@@ -519,6 +529,7 @@ def train_config(params: Any, backbone: str) -> Any:
         checkpoint_every=cfg.checkpoint_every,
         log_every=min(LOG_EVERY, cfg.eval_every),
         precision=cfg.precision,
+        lr_scales=layer_lr_scales(num_layers, cfg.layer_lr_decay),
         early_stopping_metric=cfg.early_stopping.metric,
         higher_is_better=cfg.early_stopping.metric != "val_loss",
         patience=cfg.early_stopping.patience,
@@ -595,7 +606,7 @@ def run_finetune(params: Any, backbone: str, *, processed_dir: str | Path, check
         loss_fn=classification_loss,
         batch_at=batch_at,
         evaluate=make_evaluator(val_enc, val_labels, pad_id),
-        config=train_config(params, backbone),
+        config=train_config(params, backbone, model.config.num_hidden_layers),
         device=device,
         checkpoint_dir=checkpoint_dir,
         fingerprint=fingerprint(params, backbone, [processed_dir, run.source]),

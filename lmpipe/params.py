@@ -262,6 +262,10 @@ class FinetuneParams(Schema):
     """Resumable checkpoint cadence in steps."""
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     """Share of max_steps spent in linear warmup."""
+    layer_lr_decay: float = Field(1.0, gt=0, le=1)
+    """Layer-wise lr decay d: the head trains at lr, the top encoder layer at lr x d, the next at
+    lr x d^2, ..., the embeddings at lr x d^(L+1), so low layers keep more of what pretraining
+    learnt; 1 = one lr for every weight."""
     weight_decay: float = Field(0.01, ge=0)
     """AdamW decoupled weight decay (biases and norms excluded)."""
     clip_norm: float | None = Field(1.0, gt=0)

@@ -53,6 +53,7 @@ import json
 import logging
 import math
 import random
+import re
 import signal
 import sys
 import threading
@@ -117,6 +118,10 @@ class TrainConfig:
     """Log a train-curve row every this many completed steps (and after the last)."""
     precision: str = "auto"
     """auto | fp32 | bf16: auto = bf16 autocast on CUDA with bf16 support, fp32 elsewhere."""
+    lr_scales: tuple[tuple[str, float], ...] = ()
+    """(regex, multiplier) pairs: a parameter whose name matches a regex (re.search; the first
+    match wins) trains at lr x multiplier, the others at lr. Layer-wise lr decay is built from
+    it (lmpipe.finetuning.layer_lr_scales)."""
     early_stopping_metric: str | None = None
     """A key of evaluate()'s dict (e.g. "val_loss"); None = no early stopping, keep the final weights."""
     higher_is_better: bool = False
@@ -210,27 +215,33 @@ def no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or lowered.endswith(".bias") or "norm" in lowered
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups over the parameters that require grad: [decayed, not decayed]."""
-    decay, keep = [], []
+def lr_scale(name: str, lr_scales: tuple[tuple[str, float], ...]) -> float:
+    """The lr multiplier of parameter `name`: the first matching (regex, multiplier), else 1."""
+    return next((float(scale) for pattern, scale in lr_scales if re.search(pattern, name)), 1.0)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 lr_scales: tuple[tuple[str, float], ...] = ()) -> list[dict[str, Any]]:
+    """AdamW groups over the parameters that require grad: [decayed, not decayed] at lr x 1,
+    then one such pair per other lr multiplier of `lr_scales` (each group carries `lr_scale`)."""
+    groups: dict[tuple[float, bool], list[torch.Tensor]] = {(1.0, False): [], (1.0, True): []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (keep if no_decay(name, param) else decay).append(param)
-    if not decay and not keep:
+            groups.setdefault((lr_scale(name, lr_scales), no_decay(name, param)), []).append(param)
+    if not any(groups.values()):
         raise LmpipeError("training: the model has no parameter that requires grad")
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": keep, "weight_decay": 0.0},
-    ]
+    return [{"params": params, "weight_decay": 0.0 if kept else weight_decay, "lr_scale": scale}
+            for (scale, kept), params in groups.items() if params or scale == 1.0]
 
 
 def build_optimizer(
     model: torch.nn.Module, config: TrainConfig
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over trainable params (decay groups as `param_groups`) and its warmup+cosine schedule."""
-    optimizer = torch.optim.AdamW(
-        param_groups(model, config.weight_decay), lr=config.lr, betas=tuple(config.betas)
-    )
+    groups = param_groups(model, config.weight_decay, config.lr_scales)
+    for group in groups:
+        group["lr"] = config.lr * group["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     return optimizer, scheduler
 

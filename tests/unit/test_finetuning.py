@@ -383,3 +383,17 @@ def test_random_init_builds_the_same_architecture_with_fresh_seeded_weights(back
     assert all(torch.equal(v, random_b.state_dict()[k]) for k, v in random_a.state_dict().items())
     with pytest.raises(LmpipeError, match="init must be one of"):
         ft.build_classifier(backbone, LABELS, mode="full", seed=7, init="imagenet")
+
+
+def test_layer_lr_decay_scales_each_layer_below_the_head():
+    import re
+
+    scales = ft.layer_lr_scales(2, 0.5)
+    def scale(name):
+        return next((s for pattern, s in scales if re.search(pattern, name)), 1.0)
+    assert scale("bert.encoder.layer.1.attention.self.query.weight") == 0.5
+    assert scale("model.layers.0.attn.Wqkv.weight") == 0.25
+    assert scale("base_model.model.bert.encoder.layer.0.output.dense.lora_A.default.weight") == 0.25
+    assert scale("bert.embeddings.word_embeddings.weight") == 0.125
+    assert scale("classifier.weight") == 1.0 and scale("model.final_norm.weight") == 1.0
+    assert ft.layer_lr_scales(2, 1.0) == ()

@@ -376,3 +376,23 @@ def test_finish_checkpoint_leaves_a_small_marker_that_is_never_resumed(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finished.json"]
     assert (tmp_path / "finished.json").read_text() == '{"finished": true, "steps": 7}\n'
     assert load_checkpoint(tmp_path, "any") is None
+
+
+def test_lr_scales_put_matching_parameters_in_groups_at_a_multiple_of_the_lr():
+    objective, _, _ = mlm_setup()
+    scales = ((r"encoder\.layer\.1\.", 0.5), (r"embeddings\.", 0.25))
+    config = training.TrainConfig(max_steps=4, lr=1e-3, warmup_steps=0, lr_scales=scales)
+    optimizer, scheduler = training.build_optimizer(objective, config)
+    names = {id(p): n for n, p in objective.named_parameters()}
+    by_lr = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            by_lr[names[id(p)]] = group["lr"]
+    assert by_lr["mlm.bert.encoder.layer.1.attention.self.query.weight"] == pytest.approx(5e-4)
+    assert by_lr["mlm.bert.embeddings.word_embeddings.weight"] == pytest.approx(2.5e-4)
+    assert by_lr["mlm.bert.encoder.layer.0.attention.self.query.weight"] == pytest.approx(1e-3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # the logged lr is the unscaled one
+    optimizer.step()
+    scheduler.step()  # the schedule multiplies every group's own lr
+    ratio = training.lr_factor(1, config)
+    assert by_lr and all(g["lr"] == pytest.approx(1e-3 * g["lr_scale"] * ratio) for g in optimizer.param_groups)
