@@ -164,10 +164,11 @@ def describe_base(stages: dict[str, Any], backbone: str, mode: str) -> str:
         what = f"MiniLM-L6 from the {pkg.get('name')}=={pkg.get('version')} wheel"
     elif source == "models/pretrained":
         shape = _param(stages, "pretrain", "pretrain.model") or {}
-        what = (
-            f"BERT encoder pretrained from scratch by this pipeline ({shape.get('num_layers', '?')} layers, "
-            f"hidden {shape.get('hidden_size', '?')})"
-        )
+        family = shape.get("family", "bert") if isinstance(shape, dict) else "bert"
+        how = ("the architecture of the encoder pretrained by this pipeline, at random init"
+               if isinstance(run, dict) and run.get("init") == "random"
+               else "encoder pretrained from scratch by this pipeline")
+        what = f"{family} {how} ({shape.get('num_layers', '?')} layers, hidden {shape.get('hidden_size', '?')})"
     else:
         what = f"backbone {backbone!r}"
     return f"local:{source} ({what}; fine-tuning mode: {mode})"
