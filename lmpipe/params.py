@@ -237,7 +237,7 @@ class LoraParams(Schema):
 
 
 class EarlyStopping(Schema):
-    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    metric: Literal["val_loss", "val_accuracy"] = "val_accuracy"
     """Validation metric watched at each evaluation; the best checkpoint is the output."""
     patience: int = Field(3, ge=1)
     """Evaluations without improvement before training stops."""
