@@ -368,3 +368,33 @@ def test_labels_that_disagree_with_labels_json_are_an_error(project):
     (project / "data/processed/labels.json").write_text(json.dumps({"labels": ["neg", "pos"]}))
     with pytest.raises(LmpipeError, match=r"id2label \['negative', 'positive'\] does not match"):
         run_stage()
+
+
+@pytest.mark.parametrize("family", ["modernbert", "roformer"])
+def test_each_pretrained_encoder_family_exports_to_onnx_with_parity(tmp_path, family, one_thread):
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForSequenceClassification, BertTokenizerFast
+
+    from lmpipe import models, onnx_export
+    from lmpipe.params import Architecture
+
+    arch = Architecture(family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
+                        max_length=MAX_LENGTH, dropout=0.0)
+    config = models.mlm_config(arch, len(VOCAB), {"pad": 0, "cls": 2, "sep": 3})
+    config.num_labels = 2
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    names = onnx_export.export_classifier(model, BertTokenizerFast(vocab=VOCAB), tmp_path / "m.onnx", 18)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    rng = np.random.default_rng(1)
+    for batch, length in [(1, 5), (4, MAX_LENGTH)]:
+        ids = rng.integers(5, len(VOCAB), size=(batch, length))
+        mask = np.ones_like(ids)
+        mask[0, length // 2 :] = 0  # a padded row: mean pooling must ignore it
+        feed = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in names:
+            feed["token_type_ids"] = np.zeros_like(ids)
+        with torch.no_grad():
+            ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+        np.testing.assert_allclose(session.run(None, feed)[0], ref, atol=1e-4)
