@@ -42,7 +42,7 @@ bench: setup
 	$(BIN)/python -m bench.run
 
 # When does pretraining pay? Pretraining budgets x label counts, pretrained vs random init
-# (needs `dvc repro tokenize` outputs; ~45 min on 2 cores). Writes reports/study/.
+# (~30 min on 2 cores). Writes reports/study/.
 STUDY_ARGS ?=
 study: setup
 	$(BIN)/dvc repro tokenize

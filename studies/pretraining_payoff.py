@@ -13,7 +13,8 @@ stratified subsample of the train split, and both are scored on the test split: 
 paired difference with its bootstrap 95% interval, McNemar's p. The random-init arm does not
 depend on the budget, so it is trained once per label count and seed.
 
-Writes reports/study/pretraining_payoff.{csv,md,png} (committed: the table the README quotes).
+Writes reports/study/<name>.{csv,md,png} (default name pretraining_payoff; committed: the
+table the README quotes).
 It needs the outputs of `dvc repro tokenize` (data/processed, data/tokens, models/tokenizer).
 """
 
@@ -50,13 +51,20 @@ def finetune_params(params: Any, source: Path, init: str, labels: int | None, se
     """params whose only backbone `arm` runs the scratch recipe on `source` with `labels` examples."""
     ft = params.finetune
     recipe = ft.backbones["scratch"]
-    epoch = math.ceil((labels or 10**9) / ft.batch_size) if labels else recipe.max_steps
+    epoch = math.ceil((labels or train_rows()) / ft.batch_size)
     run = recipe.model_copy(update={"source": str(source), "init": init, "max_steps": max(recipe.max_steps, epoch)})
     finetune = ft.model_copy(update={"backbones": {"arm": run}, "max_train_examples": labels})
     return params.model_copy(update={"finetune": finetune, "base": params.base.model_copy(update={"seed": seed})})
 
 
-def test_correct(model: Any, tokenizer: Any, params: Any) -> np.ndarray:
+def train_rows() -> int:
+    """Rows of the train split (Parquet metadata only): the label count `all` stands for."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(PROCESSED / "train.parquet").metadata.num_rows
+
+
+def correct_on_test(model: Any, tokenizer: Any, params: Any) -> np.ndarray:
     """Per-example correctness of a fine-tuned model on the test split (encoded as in training)."""
     from lmpipe import finetuning
 
@@ -72,12 +80,13 @@ def finetune_arm(params: Any, source: Path, init: str, labels: int | None, seed:
     started = time.perf_counter()
     done = finetuning.run_finetune(p, "arm", processed_dir=PROCESSED, checkpoint_dir=None, curves_dir=None,
                                    device=device)
-    correct = test_correct(done.model, done.tokenizer, p)
+    correct = correct_on_test(done.model, done.tokenizer, p)
     return {"correct": correct, "accuracy": float(correct.mean()), "val_accuracy": done.metrics["val_accuracy"],
             "steps": done.metrics["steps"], "seconds": time.perf_counter() - started}
 
 
-def run_study(budgets: list[float], label_counts: list[int | None], seeds: list[int]) -> list[dict[str, Any]]:
+def run_study(budgets: list[float], label_counts: list[int | None], seeds: list[int],
+              name: str = "pretraining_payoff") -> list[dict[str, Any]]:
     from lmpipe import metrics as M
     from lmpipe import models, pretraining
     from lmpipe.params import load_params
@@ -116,7 +125,7 @@ def run_study(budgets: list[float], label_counts: list[int | None], seeds: list[
                     log.info("budget %gx, %s labels: pretrained %.4f, random %.4f, difference %+.4f [%+.4f, %+.4f]",
                              budget, row["labels"], row["pretrained_accuracy"], row["random_accuracy"], diff, low, high)
                     rows.append(row)
-                    write_outputs(rows)  # a partial table survives an interrupted study
+                    write_outputs(rows, name)  # a partial table survives an interrupted study
     return rows
 
 
@@ -132,15 +141,15 @@ def verdict(rows: list[dict[str, Any]]) -> str:
             f"{first['difference']:+.4f} [{first['ci_low']:+.4f}, {first['ci_high']:+.4f}].")
 
 
-def write_outputs(rows: list[dict[str, Any]]) -> None:
-    """reports/study/pretraining_payoff.csv, .md (table + verdict) and .png, atomically."""
+def write_outputs(rows: list[dict[str, Any]], name: str = "pretraining_payoff") -> None:
+    """reports/study/<name>.csv, .md (table + verdict) and .png, atomically."""
     import pandas as pd
 
     from lmpipe import plots
     from lmpipe.io import atomic_file, write_text
 
     frame = pd.DataFrame(rows)
-    with atomic_file(OUT / "pretraining_payoff.csv") as tmp:
+    with atomic_file(OUT / f"{name}.csv") as tmp:
         frame.to_csv(tmp, index=False, float_format="%.4f")
     lines = ["# When does pretraining pay?", "",
              "Test accuracy (2,000 reviews) of the pretrained encoder and the same architecture at random init, "
@@ -152,8 +161,8 @@ def write_outputs(rows: list[dict[str, Any]]) -> None:
                      f"{r['pretrain_minutes']:.1f} | {r['perplexity_vs_unigram']:.3f} | {r['labels']} | "
                      f"{r['pretrained_accuracy']:.4f} | {r['random_accuracy']:.4f} | {r['difference']:+.4f} "
                      f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['mcnemar_p']:.3g} |")
-    write_text(OUT / "pretraining_payoff.md", "\n".join(lines + ["", verdict(rows)]) + "\n")
-    plots.save(plots.payoff_figure(frame), OUT / "pretraining_payoff.png")
+    write_text(OUT / f"{name}.md", "\n".join(lines + ["", verdict(rows)]) + "\n")
+    plots.save(plots.payoff_figure(frame), OUT / f"{name}.png")
 
 
 def _labels(text: str) -> list[int | None]:
@@ -165,12 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budgets", default="0.25,0.5,1,2", help="multiples of pretrain.loop.max_steps")
     parser.add_argument("--labels", default="200,2000,8000", help="label counts ('all' = the whole train split)")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds")
+    parser.add_argument("--name", default="pretraining_payoff", help="output file stem under reports/study/")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in ("lmpipe.training", "lmpipe.finetuning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     rows = run_study([float(x) for x in args.budgets.split(",")], _labels(args.labels),
-                     [int(x) for x in args.seeds.split(",")])
+                     [int(x) for x in args.seeds.split(",")], args.name)
     print(verdict(rows))
 
 
