@@ -7,8 +7,8 @@ For each pretraining budget (a multiple of the default `pretrain.loop.max_steps`
 evaluation scaled with it) the encoder of `params.yaml` is pretrained with the stage's own code
 (lmpipe.pretraining.run_pretrain) on the pipeline's `data/tokens`. At each label count, the
 pretrained encoder and the same architecture at random init are fine-tuned with the
-`finetune.backbones.scratch` recipe (lmpipe.finetuning.run_finetune: same lr, steps, early
-stopping on validation loss; steps raised to one epoch when the label count needs more) on a
+`finetune.backbones.scratch` recipe (lmpipe.finetuning.run_finetune: same lr, early stopping
+on validation accuracy; max(--min-steps, one epoch of the labels) steps) on a
 stratified subsample of the train split, and both are scored on the test split: accuracy, the
 paired difference with its bootstrap 95% interval, McNemar's p. The random-init arm does not
 depend on the budget, so it is trained once per label count and seed.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import math
 import tempfile
 import time
@@ -33,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSED, TOKENS, TOKENIZER = ROOT / "data/processed", ROOT / "data/tokens", ROOT / "models/tokenizer"
 OUT = ROOT / "reports/study"
+DEFAULT_COMMAND = "make study"  # how the default table is regenerated
 log = logging.getLogger("studies.pretraining_payoff")
 
 
@@ -47,12 +49,14 @@ def budget_params(params: Any, budget: float, seed: int) -> Any:
     return params.model_copy(update={"pretrain": pretrain, "base": params.base.model_copy(update={"seed": seed})})
 
 
-def finetune_params(params: Any, source: Path, init: str, labels: int | None, seed: int) -> Any:
-    """params whose only backbone `arm` runs the scratch recipe on `source` with `labels` examples."""
+def finetune_params(params: Any, source: Path, init: str, labels: int | None, seed: int,
+                    min_steps: int = 300) -> Any:
+    """params whose only backbone `arm` runs the scratch recipe (lr, early stopping, ...) on
+    `source` with `labels` examples, for max(min_steps, one epoch) steps."""
     ft = params.finetune
     recipe = ft.backbones["scratch"]
     epoch = math.ceil((labels or train_rows()) / ft.batch_size)
-    run = recipe.model_copy(update={"source": str(source), "init": init, "max_steps": max(recipe.max_steps, epoch)})
+    run = recipe.model_copy(update={"source": str(source), "init": init, "max_steps": max(min_steps, epoch)})
     finetune = ft.model_copy(update={"backbones": {"arm": run}, "max_train_examples": labels})
     return params.model_copy(update={"finetune": finetune, "base": params.base.model_copy(update={"seed": seed})})
 
@@ -73,10 +77,11 @@ def correct_on_test(model: Any, tokenizer: Any, params: Any) -> np.ndarray:
     return finetuning.predict_logits(model, encoded, tokenizer.pad_token_id).argmax(axis=1) == labels
 
 
-def finetune_arm(params: Any, source: Path, init: str, labels: int | None, seed: int, device: Any) -> dict[str, Any]:
+def finetune_arm(params: Any, source: Path, init: str, labels: int | None, seed: int, device: Any,
+                 min_steps: int) -> dict[str, Any]:
     from lmpipe import finetuning
 
-    p = finetune_params(params, source, init, labels, seed)
+    p = finetune_params(params, source, init, labels, seed, min_steps)
     started = time.perf_counter()
     done = finetuning.run_finetune(p, "arm", processed_dir=PROCESSED, checkpoint_dir=None, curves_dir=None,
                                    device=device)
@@ -86,7 +91,8 @@ def finetune_arm(params: Any, source: Path, init: str, labels: int | None, seed:
 
 
 def run_study(budgets: list[float], label_counts: list[int | None], seeds: list[int],
-              name: str = "pretraining_payoff") -> list[dict[str, Any]]:
+              name: str = "pretraining_payoff", min_steps: int = 300,
+              command: str = DEFAULT_COMMAND) -> list[dict[str, Any]]:
     from lmpipe import metrics as M
     from lmpipe import models, pretraining
     from lmpipe.params import load_params
@@ -109,9 +115,10 @@ def run_study(budgets: list[float], label_counts: list[int | None], seeds: list[
                          done.metrics["perplexity_vs_unigram"])
                 for labels in label_counts:
                     if (seed, labels) not in random_arms:  # the control does not depend on the budget
-                        random_arms[(seed, labels)] = finetune_arm(params, source, "random", labels, seed, device)
+                        random_arms[(seed, labels)] = finetune_arm(params, source, "random", labels, seed, device,
+                                                                   min_steps)
                     control = random_arms[(seed, labels)]
-                    treated = finetune_arm(params, source, "pretrained", labels, seed, device)
+                    treated = finetune_arm(params, source, "pretrained", labels, seed, device, min_steps)
                     diff, low, high = M.accuracy_difference_ci(treated["correct"], control["correct"], 1000, 0.95, seed)
                     test = M.mcnemar(treated["correct"], control["correct"])
                     row = {"seed": seed, "budget": budget, "pretrain_steps": done.metrics["steps"],
@@ -125,23 +132,27 @@ def run_study(budgets: list[float], label_counts: list[int | None], seeds: list[
                     log.info("budget %gx, %s labels: pretrained %.4f, random %.4f, difference %+.4f [%+.4f, %+.4f]",
                              budget, row["labels"], row["pretrained_accuracy"], row["random_accuracy"], diff, low, high)
                     rows.append(row)
-                    write_outputs(rows, name)  # a partial table survives an interrupted study
+                    write_outputs(rows, name, command)  # a partial table survives an interrupted study
     return rows
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
-    """One sentence: the smallest budget (and label count) at which pretraining wins significantly."""
-    wins = [r for r in rows if r["ci_low"] > 0]
-    if not wins:
-        return ("Pretraining did not win at any budget and label count tried: no pretrained arm's "
-                "accuracy difference has a 95% interval above zero.")
-    first = min(wins, key=lambda r: (r["budget"], str(r["labels"])))
-    return (f"Pretraining first wins at {first['budget']}x the default budget ({first['pretrain_minutes']:.1f} min, "
-            f"{first['pretrain_tokens']:,} tokens) with {first['labels']} labels: "
-            f"{first['difference']:+.4f} [{first['ci_low']:+.4f}, {first['ci_high']:+.4f}].")
+    """Where pretraining wins or loses significantly (95% interval of the difference clear of 0),
+    per label count, in budget order; one seed per cell is noisy, so the pattern is the answer."""
+    lines = []
+    for labels in dict.fromkeys(r["labels"] for r in rows):
+        cells = sorted((r for r in rows if r["labels"] == labels), key=lambda r: (r["budget"], r["seed"]))
+        wins = [f"{r['budget']:g}x" for r in cells if r["ci_low"] > 0]
+        losses = [f"{r['budget']:g}x" for r in cells if r["ci_high"] < 0]
+        ties = len(cells) - len(wins) - len(losses)
+        lines.append(f"- {labels} labels: pretrained wins at {', '.join(wins) or 'no budget'}; "
+                     f"loses at {', '.join(losses) or 'no budget'}; no significant difference in {ties} of {len(cells)}.")
+    if not any(r["ci_low"] > 0 for r in rows):
+        lines.append("Pretraining did not win at any budget and label count tried.")
+    return "\n".join(lines)
 
 
-def write_outputs(rows: list[dict[str, Any]], name: str = "pretraining_payoff") -> None:
+def write_outputs(rows: list[dict[str, Any]], name: str = "pretraining_payoff", command: str = DEFAULT_COMMAND) -> None:
     """reports/study/<name>.csv, .md (table + verdict) and .png, atomically."""
     import pandas as pd
 
@@ -153,7 +164,7 @@ def write_outputs(rows: list[dict[str, Any]], name: str = "pretraining_payoff") 
         frame.to_csv(tmp, index=False, float_format="%.4f")
     lines = ["# When does pretraining pay?", "",
              "Test accuracy (2,000 reviews) of the pretrained encoder and the same architecture at random init, "
-             "both fine-tuned with the `finetune.backbones.scratch` recipe. Regenerate: `make study`.", "",
+             f"both fine-tuned with the `finetune.backbones.scratch` recipe. Regenerate: `{command}`.", "",
              "| seed | budget | pretrain steps | tokens | minutes | ppl / unigram | labels | pretrained | random | difference [95% CI] | McNemar p |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
@@ -175,12 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", default="200,2000,8000", help="label counts ('all' = the whole train split)")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds")
     parser.add_argument("--name", default="pretraining_payoff", help="output file stem under reports/study/")
+    parser.add_argument("--min-steps", type=int, default=300,
+                        help="fine-tuning steps per arm: max(this, one epoch of the labels)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for name in ("lmpipe.training", "lmpipe.finetuning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     rows = run_study([float(x) for x in args.budgets.split(",")], _labels(args.labels),
-                     [int(x) for x in args.seeds.split(",")], args.name)
+                     [int(x) for x in args.seeds.split(",")], args.name, args.min_steps,
+                     " ".join(["python -m studies.pretraining_payoff", *(argv if argv is not None else sys.argv[1:])]))
     print(verdict(rows))
 
 

@@ -26,12 +26,12 @@ def test_budget_scales_steps_and_warmup_and_evaluates_once_at_the_end(params):
     assert half.base.seed == 7 and half.pretrain.model == params.pretrain.model
 
 
-def test_both_arms_follow_the_scratch_recipe_with_at_least_one_epoch(params, tmp_path):
+def test_both_arms_follow_the_scratch_recipe_for_at_least_min_steps_and_one_epoch(params, tmp_path):
     recipe = params.finetune.backbones["scratch"]
     small = study.finetune_params(params, tmp_path, "random", 200, seed=1)
     arm = small.finetune.backbones["arm"]
     assert list(small.finetune.backbones) == ["arm"]
-    assert (arm.init, arm.lr, arm.max_steps, arm.source) == ("random", recipe.lr, recipe.max_steps, str(tmp_path))
+    assert (arm.init, arm.lr, arm.max_steps, arm.source) == ("random", recipe.lr, 300, str(tmp_path))
     assert small.finetune.max_train_examples == 200
     big = study.finetune_params(params, tmp_path, "pretrained", 100_000, seed=1).finetune
     assert big.backbones["arm"].max_steps == -(-100_000 // params.finetune.batch_size)  # one epoch
@@ -43,10 +43,13 @@ def row(budget, labels, diff, low, high):
             "random_accuracy": 0.8, "difference": diff, "ci_low": low, "ci_high": high, "mcnemar_p": 0.01}
 
 
-def test_verdict_names_the_smallest_budget_whose_interval_is_above_zero():
-    rows = [row(0.5, 200, 0.01, -0.01, 0.03), row(1.0, 200, 0.03, 0.01, 0.05), row(2.0, 200, 0.05, 0.03, 0.07)]
-    assert study.verdict(rows).startswith("Pretraining first wins at 1.0x")
-    assert "did not win" in study.verdict(rows[:1])
+def test_verdict_lists_significant_wins_and_losses_per_label_count():
+    rows = [row(0.5, 200, 0.01, -0.01, 0.03), row(1.0, 200, 0.03, 0.01, 0.05), row(2.0, 200, -0.05, -0.07, -0.03),
+            row(1.0, 2000, 0.0, -0.02, 0.02)]
+    text = study.verdict(rows)
+    assert "- 200 labels: pretrained wins at 1x; loses at 2x; no significant difference in 1 of 3." in text
+    assert "- 2000 labels: pretrained wins at no budget; loses at no budget; no significant difference in 1 of 1." in text
+    assert "did not win" in study.verdict(rows[3:]) and "did not win" not in text
 
 
 def test_outputs_are_a_csv_a_markdown_table_and_a_plot(tmp_path, monkeypatch):
