@@ -226,9 +226,9 @@ def mlm_perplexity(
 
     The texts are tokenised with the model's own tokenizer and cut into windows of the model's
     `max_position_embeddings` tokens ([CLS] and [SEP] included). In each window a seeded
-    `mask_prob` share of the tokens is replaced by [MASK] (all of them: no 10% random / 10% kept
-    tokens as in training, so the number does not depend on the training recipe and reads a
-    little above pretrain's val_perplexity). Perplexity = exp(mean NLL of the masked tokens).
+    `mask_prob` share of the tokens is replaced by [MASK] (all of them, as in pretrain's
+    validation: no 10% random / 10% kept tokens, whose answer sits in the input, so the number
+    does not depend on the training recipe). Perplexity = exp(mean NLL of the masked tokens).
     """
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer

@@ -43,7 +43,7 @@ def mlm_config(arch: Any, vocab_size: int, special: dict[str, int]) -> Pretraine
     special ids (`pad`, `cls`, `sep` keys, as in data/tokens/meta.json)."""
     from transformers import BertConfig, ModernBertConfig, RoFormerConfig
 
-    family = getattr(arch, "family", "bert")
+    family = arch.family
     shape = dict(vocab_size=vocab_size, hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
                  num_attention_heads=arch.num_heads, intermediate_size=arch.intermediate_size,
                  max_position_embeddings=arch.max_length, pad_token_id=special["pad"])
