@@ -110,9 +110,12 @@ def find_models(baseline_dir: str | Path, finetuned_dir: str | Path) -> list[Mod
 
 
 def _model_info(folder: Path) -> dict[str, Any]:
+    """The fine-tuned folder's lmpipe.json ({} when absent)."""
     import json
 
-    path = folder / "lmpipe.json"
+    from lmpipe.finetuning import INFO_FILE
+
+    path = folder / INFO_FILE
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -315,10 +318,10 @@ def compare_to_random_init(results: list[ModelResult], specs: Sequence[ModelSpec
         if spec.kind != "transformer" or control is None:
             continue
         treated = by_name[spec.name].probs.argmax(axis=1) == labels
-        baseline = by_name[control].probs.argmax(axis=1) == labels
-        diff, low, high = M.accuracy_difference_ci(treated, baseline, bootstrap_samples, confidence, seed)
+        untreated = by_name[control].probs.argmax(axis=1) == labels
+        diff, low, high = M.accuracy_difference_ci(treated, untreated, bootstrap_samples, confidence, seed)
         by_name[spec.name].control = {"name": control, "accuracy_diff": diff, "ci_low": low, "ci_high": high,
-                                      **M.mcnemar(treated, baseline)}
+                                      **M.mcnemar(treated, untreated)}
 
 
 def evaluate(
