@@ -12,7 +12,7 @@ PORT ?= 5000
 
 MODEL ?= models:/lmpipe-classifier/latest
 
-.PHONY: setup repro test ui serve bench study clean-venv
+.PHONY: setup repro test lint format ui serve bench study clean-venv
 
 setup: $(STAMP)
 
@@ -27,8 +27,18 @@ $(STAMP): pyproject.toml requirements.lock
 repro: setup
 	LMPIPE_RUN_GROUP=$${LMPIPE_RUN_GROUP:-repro-$$(date -u +%Y%m%dT%H%M%SZ)} $(BIN)/dvc repro
 
-test: setup
+test: lint
 	$(BIN)/python -m pytest tests
+
+# ruff (config in pyproject.toml): lint and formatting, checked by `make test` and CI
+PY_SOURCES := lmpipe stages tests bench studies
+lint: setup
+	$(BIN)/ruff check $(PY_SOURCES)
+	$(BIN)/ruff format --check $(PY_SOURCES)
+
+format: setup
+	$(BIN)/ruff check --fix $(PY_SOURCES)
+	$(BIN)/ruff format $(PY_SOURCES)
 
 ui: setup
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \

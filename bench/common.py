@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 THREADS = 2  # the reference machine's cores; every side pins torch / ORT to it
@@ -135,8 +136,10 @@ def interleave(
             result = run_child(module, side, config)
             runs[side].append(result)
             if log:
-                log(f"  {module.split('.')[-1]} round {r + 1}/{repeats} {side}: "
-                    f"{result.get('summary', '')} (load {result['load_before'][0]}, {result['process_seconds']} s)")
+                log(
+                    f"  {module.split('.')[-1]} round {r + 1}/{repeats} {side}: "
+                    f"{result.get('summary', '')} (load {result['load_before'][0]}, {result['process_seconds']} s)"
+                )
     return runs
 
 
@@ -146,13 +149,28 @@ def med(runs: list[dict[str, Any]], key: str) -> float:
 
 
 def row(
-    benchmark: str, metric: str, ours_name: str, peer_name: str, ours: float, peer: float, unit: str,
-    better: str, notes: str = "",
+    benchmark: str,
+    metric: str,
+    ours_name: str,
+    peer_name: str,
+    ours: float,
+    peer: float,
+    unit: str,
+    better: str,
+    notes: str = "",
 ) -> dict[str, Any]:
     """One line of the results table; ratio = ours / peer (`better` says which direction wins)."""
     return {
-        "benchmark": benchmark, "metric": metric, "ours_name": ours_name, "peer_name": peer_name,
-        "ours": ours, "peer": peer, "ratio": ratio(ours, peer), "unit": unit, "better": better, "notes": notes,
+        "benchmark": benchmark,
+        "metric": metric,
+        "ours_name": ours_name,
+        "peer_name": peer_name,
+        "ours": ours,
+        "peer": peer,
+        "ratio": ratio(ours, peer),
+        "unit": unit,
+        "better": better,
+        "notes": notes,
     }
 
 
@@ -169,8 +187,10 @@ def log(message: str) -> None:
 
 # --------------------------------------------------------------------------- CLI of a benchmark module
 def main(
-    module: str, run_side: Callable[[str, dict[str, Any]], dict[str, Any]],
-    orchestrate: Callable[[dict[str, Any], int], dict[str, Any]], default_config: Callable[[bool], dict[str, Any]],
+    module: str,
+    run_side: Callable[[str, dict[str, Any]], dict[str, Any]],
+    orchestrate: Callable[[dict[str, Any], int], dict[str, Any]],
+    default_config: Callable[[bool], dict[str, Any]],
     argv: Sequence[str] | None = None,
 ) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {module}")
@@ -191,8 +211,9 @@ def main(
         started = time.perf_counter()
         load = load_average()
         result = orchestrate(config, args.repeats)
-        result.update(load_at_start=load, seconds=round(time.perf_counter() - started, 1),
-                      repeats=args.repeats, config=config)
+        result.update(
+            load_at_start=load, seconds=round(time.perf_counter() - started, 1), repeats=args.repeats, config=config
+        )
         text = json.dumps(result, indent=1, sort_keys=True)
     if args.out:
         Path(args.out).write_text(text + "\n")

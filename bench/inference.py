@@ -3,12 +3,12 @@
 Model: `models/export` when the export stage has run (the real fine-tuned classifier); else a
 STAND-IN built here: a randomly initialised `BertForSequenceClassification` of the MiniLM-L6
 shape (6 layers, 384 hidden, 12 heads, 1,536 feed-forward, 2 labels; vocabulary and tokenizer
-from `models/minilm` when present), saved with `lmpipe.finetuning.save_classifier` and exported
-with the project's own `lmpipe.onnx_export.export_classifier` + `quantize_int8`, laid out like
+from `models/minilm` when present), saved with `lmpipe.inference.classifier.save_classifier` and exported
+with the project's own `lmpipe.export.onnx_export.export_classifier` + `quantize_int8`, laid out like
 `models/export` (hf/, onnx/model.onnx, onnx/model.int8.onnx). Speed does not depend on what the
 weights learned, so the stand-in times the same graph.
 
-Every backend runs through `lmpipe.predict.Predictor` (what `lmpipe predict`, the export parity
+Every backend runs through `lmpipe.inference.predictor.Predictor` (what `lmpipe predict`, the export parity
 check and the MLflow model use) in its own fresh process, 2 threads (torch intra-op threads;
 ORT intra-op threads, 1 inter-op), interleaved torch, onnx, onnx-int8, torch, ... Inputs are
 encoded before any clock starts (`encode_texts`, max_length 128, the model's truncation), so
@@ -39,7 +39,7 @@ NAMES = {"torch": "torch (transformers)", "onnx": "ONNX Runtime fp32", "onnx-int
 
 
 def default_config(quick: bool = False) -> dict[str, Any]:
-    from lmpipe.params import load_params
+    from lmpipe.core.params import load_params
 
     params = load_params(common.ROOT / "params.yaml")
     config = {
@@ -57,9 +57,17 @@ def default_config(quick: bool = False) -> dict[str, Any]:
         "seed": 0,
     }
     if quick:
-        config.update(export_dir="", minilm_dir="", test_parquet="", max_length=16, batch1_runs=2, batch32_runs=1,
-                      warmup=1, threads=1,
-                      arch={"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64})
+        config.update(
+            export_dir="",
+            minilm_dir="",
+            test_parquet="",
+            max_length=16,
+            batch1_runs=2,
+            batch32_runs=1,
+            warmup=1,
+            threads=1,
+            arch={"num_hidden_layers": 1, "hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64},
+        )
     return config
 
 
@@ -72,7 +80,7 @@ def _tokenizer(config: dict[str, Any]):
         return AutoTokenizer.from_pretrained(str(minilm)), f"{minilm} tokenizer"
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-    from lmpipe.tokenization import SPECIAL_TOKENS, to_transformers
+    from lmpipe.tokenize.tokenization import SPECIAL_TOKENS, to_transformers
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS.values())}
     for word in sorted({w for text in _generated(50, 0) for w in text.lower().replace(".", " .").split()}):
@@ -89,18 +97,28 @@ def prepare_standin(config: dict[str, Any], out: Path) -> dict[str, Any]:
     import transformers
     from transformers import BertConfig, BertForSequenceClassification
 
-    from lmpipe.finetuning import save_classifier
-    from lmpipe.onnx_export import export_classifier, quantize_int8
+    from lmpipe.export.onnx_export import export_classifier, quantize_int8
+    from lmpipe.inference.classifier import save_classifier
 
     transformers.utils.logging.set_verbosity_error()
     tokenizer, tokenizer_source = _tokenizer(config)
-    bert = BertConfig(vocab_size=len(tokenizer), max_position_embeddings=512, num_labels=2,
-                      id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1},
-                      pad_token_id=tokenizer.pad_token_id or 0, **config["arch"])
+    bert = BertConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        num_labels=2,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
+        pad_token_id=tokenizer.pad_token_id or 0,
+        **config["arch"],
+    )
     torch.manual_seed(config["seed"])
     model = BertForSequenceClassification(bert).eval()
-    save_classifier(model, tokenizer, out / "hf", {"backbone": "standin", "max_length": config["max_length"],
-                                                   "truncation": config["truncation"]})
+    save_classifier(
+        model,
+        tokenizer,
+        out / "hf",
+        {"backbone": "standin", "max_length": config["max_length"], "truncation": config["truncation"]},
+    )
     start = time.perf_counter()
     export_classifier(model, tokenizer, out / "onnx" / "model.onnx", config["opset"])
     export_seconds = time.perf_counter() - start
@@ -108,10 +126,13 @@ def prepare_standin(config: dict[str, Any], out: Path) -> dict[str, Any]:
     quantize_int8(out / "onnx" / "model.onnx", out / "onnx" / "model.int8.onnx")
     quantize_seconds = time.perf_counter() - start
     params = sum(p.numel() for p in model.parameters())
-    return {"model": f"stand-in: randomly initialised BertForSequenceClassification, {params / 1e6:.1f}M params "
-                     f"({config['arch']['num_hidden_layers']} layers, {config['arch']['hidden_size']} hidden), "
-                     f"{tokenizer_source}; exported by lmpipe.onnx_export",
-            "export_seconds": export_seconds, "quantize_seconds": quantize_seconds}
+    return {
+        "model": f"stand-in: randomly initialised BertForSequenceClassification, {params / 1e6:.1f}M params "
+        f"({config['arch']['num_hidden_layers']} layers, {config['arch']['hidden_size']} hidden), "
+        f"{tokenizer_source}; exported by lmpipe.export.onnx_export",
+        "export_seconds": export_seconds,
+        "quantize_seconds": quantize_seconds,
+    }
 
 
 # --------------------------------------------------------------------------- texts
@@ -137,7 +158,7 @@ def load_texts(config: dict[str, Any], n: int) -> tuple[list[str], str]:
 def run_side(side: str, config: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    from lmpipe.predict import Predictor
+    from lmpipe.inference.predictor import Predictor
 
     if side not in BACKENDS:
         raise ValueError(f"side must be one of {BACKENDS} (got {side!r})")
@@ -204,8 +225,9 @@ def _session_without_spinning(weights: Path, threads: int):
 def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
     export = Path(config["export_dir"]) if config.get("export_dir") else None
     tmp = None
-    if export is not None and all((export / f).is_file() for f in ("hf/config.json", "onnx/model.onnx",
-                                                                  "onnx/model.int8.onnx")):
+    if export is not None and all(
+        (export / f).is_file() for f in ("hf/config.json", "onnx/model.onnx", "onnx/model.int8.onnx")
+    ):
         model_dir, facts = export, {"model": f"{export} (the pipeline's exported classifier)"}
     else:
         tmp = Path(tempfile.mkdtemp(prefix="lmpipe-bench-export-"))
@@ -217,27 +239,62 @@ def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    m = {side: {k: common.med(r, k) for k in ("batch1_ms", "batch32_seq_per_s", "peak_rss_mb")}
-         for side, r in runs.items()}
+    m = {
+        side: {k: common.med(r, k) for k in ("batch1_ms", "batch32_seq_per_s", "peak_rss_mb")}
+        for side, r in runs.items()
+    }
     first = runs["torch"][0]
-    what = (f"{facts['model']}; max_length {config['max_length']} ({config['truncation']}), texts: "
-            f"{first['texts']}, batch-1 mean length {first['batch1_mean_length']:.0f}, batch-32 width "
-            f"{first['batch32_width']}; {config['threads']} threads"
-            + ("; no spinning (torch OMP_WAIT_POLICY=PASSIVE, ORT allow_spinning=0)" if common.no_spin() else ""))
+    what = (
+        f"{facts['model']}; max_length {config['max_length']} ({config['truncation']}), texts: "
+        f"{first['texts']}, batch-1 mean length {first['batch1_mean_length']:.0f}, batch-32 width "
+        f"{first['batch32_width']}; {config['threads']} threads"
+        + ("; no spinning (torch OMP_WAIT_POLICY=PASSIVE, ORT allow_spinning=0)" if common.no_spin() else "")
+    )
     loads = common.load_note(runs)
     diffs = {side: _max_diff(runs[side][0]["logits"], first["logits"]) for side in ("onnx", "onnx-int8")}
     what += f"; max |logit - torch| on a 32-text batch: fp32 {diffs['onnx']:.1e}, int8 {diffs['onnx-int8']:.1e}"
     rows = []
     for side in ("onnx", "onnx-int8"):
         size = f"weights {runs[side][0]['weights_mb']} MB vs {runs['torch'][0]['weights_mb']} MB"
-        rows.append(common.row("inference", "batch 1 latency", NAMES[side], NAMES["torch"],
-                               round(m[side]["batch1_ms"], 2), round(m["torch"]["batch1_ms"], 2), "ms", "lower",
-                               f"median per call; {loads}"))
-        rows.append(common.row("inference", "batch 32 throughput", NAMES[side], NAMES["torch"],
-                               round(m[side]["batch32_seq_per_s"], 1), round(m["torch"]["batch32_seq_per_s"], 1),
-                               "sequences/s", "higher", size))
-        rows.append(common.row("inference", "peak RSS", NAMES[side], NAMES["torch"], m[side]["peak_rss_mb"],
-                               m["torch"]["peak_rss_mb"], "MiB", "lower", "ru_maxrss of each backend's own process"))
+        rows.append(
+            common.row(
+                "inference",
+                "batch 1 latency",
+                NAMES[side],
+                NAMES["torch"],
+                round(m[side]["batch1_ms"], 2),
+                round(m["torch"]["batch1_ms"], 2),
+                "ms",
+                "lower",
+                f"median per call; {loads}",
+            )
+        )
+        rows.append(
+            common.row(
+                "inference",
+                "batch 32 throughput",
+                NAMES[side],
+                NAMES["torch"],
+                round(m[side]["batch32_seq_per_s"], 1),
+                round(m["torch"]["batch32_seq_per_s"], 1),
+                "sequences/s",
+                "higher",
+                size,
+            )
+        )
+        rows.append(
+            common.row(
+                "inference",
+                "peak RSS",
+                NAMES[side],
+                NAMES["torch"],
+                m[side]["peak_rss_mb"],
+                m["torch"]["peak_rss_mb"],
+                "MiB",
+                "lower",
+                "ru_maxrss of each backend's own process",
+            )
+        )
     return {"benchmark": "inference", "description": what, "rows": rows, "medians": m, "runs": runs, "model": facts}
 
 

@@ -2,8 +2,8 @@
 
 Sides (each in its own fresh process, interleaved ours, peer, ours-full, ours, peer, ...):
 
-- `ours`: `lmpipe.training.train` on `lmpipe.models.MaskedLMObjective` (the MLM head runs on
-  the masked rows only) fed by `lmpipe.masking.MLMBatches` (windows + BERT masking), exactly as
+- `ours`: `lmpipe.train.training.train` on `lmpipe.mlm.models.MaskedLMObjective` (the MLM head runs on
+  the masked rows only) fed by `lmpipe.mlm.masking.MLMBatches` (windows + BERT masking), exactly as
   `stages/pretrain.py` wires them.
 - `peer`: `transformers.Trainer` + `DataCollatorForLanguageModeling` on a `BertForMaskedLM`
   (`labels=` loss: the vocabulary projection on every position), its default optimizer
@@ -12,14 +12,14 @@ Sides (each in its own fresh process, interleaved ours, peer, ours-full, ours, p
   loop as `ours`, so `ours / ours_full` isolates what the masked-only head buys and
   `ours_full / peer` what the loop itself costs or saves.
 
-Same for all: the BertConfig of params.yaml `pretrain.model` (built by `lmpipe.models.
+Same for all: the BertConfig of params.yaml `pretrain.model` (built by `lmpipe.mlm.models.
 mlm_config`, same seed, so the same initial weights), vocab and special ids of `data/tokens`
 (else 8,000 random ids), batch x sequence, lr / betas / weight decay / clipping / warmup from
-params, a cosine schedule to 10% of the peak, fp32, 2 torch threads, `lmpipe.stage.setup_torch`
+params, a cosine schedule to 10% of the peak, fp32, 2 torch threads, `lmpipe.core.stage.setup_torch`
 (seeded, deterministic kernels). Timing: wall time from the end of warm-up step W to the end of
 the last step (data, forward, backward, clipping, optimizer, logging included; no evaluation or
-checkpoint in the window). MFU = tokens/s x `lmpipe.flops.mlm_flops_per_token` (the head counted
-where it runs) / the peak of `lmpipe.flops.measure_peak_flops` probed in the same process.
+checkpoint in the window). MFU = tokens/s x `lmpipe.train.flops.mlm_flops_per_token` (the head counted
+where it runs) / the peak of `lmpipe.train.flops.measure_peak_flops` probed in the same process.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}  # only for the ra
 
 
 def default_config(quick: bool = False) -> dict[str, Any]:
-    from lmpipe.params import load_params
+    from lmpipe.core.params import load_params
 
     params = load_params(common.ROOT / "params.yaml")
     pre = params.pretrain
@@ -67,10 +67,24 @@ def default_config(quick: bool = False) -> dict[str, Any]:
         "peak_seconds": 1.0,
     }
     if quick:
-        config.update(arch={**arch, "num_layers": 1, "hidden_size": 32, "num_heads": 2,
-                            "intermediate_size": 64, "max_length": 16},
-                      vocab_size=200, batch_size=4, warmup_steps=1, steps=2, tokens_dir="",
-                      tokenizer_dir="", peak_seconds=0.05, threads=1)
+        config.update(
+            arch={
+                **arch,
+                "num_layers": 1,
+                "hidden_size": 32,
+                "num_heads": 2,
+                "intermediate_size": 64,
+                "max_length": 16,
+            },
+            vocab_size=200,
+            batch_size=4,
+            warmup_steps=1,
+            steps=2,
+            tokens_dir="",
+            tokenizer_dir="",
+            peak_seconds=0.05,
+            threads=1,
+        )
     return config
 
 
@@ -83,7 +97,7 @@ def load_tokens(config: dict[str, Any]) -> tuple[Any, dict[str, int], int, str]:
 
     tokens_dir = Path(config["tokens_dir"]) if config.get("tokens_dir") else None
     if tokens_dir is not None and (tokens_dir / "meta.json").is_file():
-        from lmpipe.tokenization import load_token_split
+        from lmpipe.tokenize.tokenization import load_token_split
 
         meta = json.loads((tokens_dir / "meta.json").read_text())
         tokens, _ = load_token_split(tokens_dir, "train")
@@ -97,19 +111,33 @@ def load_tokens(config: dict[str, Any]) -> tuple[Any, dict[str, int], int, str]:
 
 
 def make_batches(config: dict[str, Any], tokens: Any, special: dict[str, int], vocab: int):
-    from lmpipe import masking
+    from lmpipe.mlm import masking
 
     masking_config = masking.MaskingConfig(
-        config["mask_prob"], config["mask_replace"], config["random_replace"], special["mask"], vocab,
-        tuple(sorted(set(special.values()))))
+        config["mask_prob"],
+        config["mask_replace"],
+        config["random_replace"],
+        special["mask"],
+        vocab,
+        tuple(sorted(set(special.values()))),
+    )
     return masking.MLMBatches(
-        tokens, tokens, max_length=config["arch"]["max_length"], batch_size=config["batch_size"], grad_accum=1,
-        eval_batches=1, seed=config["seed"], cls_id=special["cls"], sep_id=special["sep"], masking=masking_config)
+        tokens,
+        tokens,
+        max_length=config["arch"]["max_length"],
+        batch_size=config["batch_size"],
+        grad_accum=1,
+        eval_batches=1,
+        seed=config["seed"],
+        cls_id=special["cls"],
+        sep_id=special["sep"],
+        masking=masking_config,
+    )
 
 
 def build_model(config: dict[str, Any], vocab: int, special: dict[str, int]):
-    from lmpipe import models
-    from lmpipe.params import Architecture
+    from lmpipe.core.params import Architecture
+    from lmpipe.mlm import models
 
     return models.build_mlm(models.mlm_config(Architecture(**config["arch"]), vocab, special), config["seed"])
 
@@ -131,8 +159,8 @@ def _summary(result: dict[str, Any]) -> str:
 
 # --------------------------------------------------------------------------- the sides
 def run_side(side: str, config: dict[str, Any]) -> dict[str, Any]:
-    from lmpipe import flops
-    from lmpipe.stage import setup_torch
+    from lmpipe.core.stage import setup_torch
+    from lmpipe.train import flops
 
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES} (got {side!r})")
@@ -146,8 +174,13 @@ def run_side(side: str, config: dict[str, Any]) -> dict[str, Any]:
     head_fraction = config["mask_prob"] if side == "ours" else 1.0
     fpt = flops.mlm_flops_per_token(mlm.config, seq, head_fraction)
     result.update(
-        side=side, data=source, vocab_size=vocab, peak_flops=peak, flops_per_token=fpt,
-        mfu=result["tokens_per_s"] * fpt / peak, torch_threads=torch.get_num_threads(),
+        side=side,
+        data=source,
+        vocab_size=vocab,
+        peak_flops=peak,
+        flops_per_token=fpt,
+        mfu=result["tokens_per_s"] * fpt / peak,
+        torch_threads=torch.get_num_threads(),
         peak_rss_mb=common.peak_rss_mb(),
     )
     result["summary"] = _summary(result)
@@ -166,7 +199,7 @@ def _measured(config: dict[str, Any], boundaries: list[float], losses: list[floa
         raise RuntimeError(f"expected {steps + 1} step boundaries, got {len(boundaries)}")
     per_step = config["batch_size"] * config["arch"]["max_length"]
     durations = [b - a for a, b in zip(boundaries, boundaries[1:])]
-    measured = losses[config["warmup_steps"]:]
+    measured = losses[config["warmup_steps"] :]
     return {
         "tokens_per_s": per_step / common.median(durations),
         "tokens_per_s_wall": per_step * steps / (boundaries[-1] - boundaries[0]),
@@ -180,7 +213,8 @@ def _measured(config: dict[str, Any], boundaries: list[float], losses: list[floa
 
 
 def _run_ours(side: str, config: dict[str, Any], mlm, tokens, special, vocab) -> dict[str, Any]:
-    from lmpipe import models, training
+    from lmpipe.mlm import models
+    from lmpipe.train import training
 
     batches = make_batches(config, tokens, special, vocab)
     total = config["warmup_steps"] + config["steps"]
@@ -197,14 +231,28 @@ def _run_ours(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
 
     objective = models.MaskedLMObjective(mlm) if side == "ours" else FullHeadObjective(mlm)
     cfg = training.TrainConfig(
-        max_steps=total, lr=config["lr"], weight_decay=config["weight_decay"], betas=tuple(config["betas"]),
-        warmup_steps=config["warmup_steps"], min_lr_ratio=config["min_lr_ratio"], clip_norm=config["clip_norm"],
-        eval_every=total, checkpoint_every=total, log_every=1, precision="fp32")
-    result = training.train(objective, loss_fn=models.objective_loss, batch_at=batch_at, evaluate=evaluate,
-                            config=cfg, device=torch.device("cpu"))
+        max_steps=total,
+        lr=config["lr"],
+        weight_decay=config["weight_decay"],
+        betas=tuple(config["betas"]),
+        warmup_steps=config["warmup_steps"],
+        min_lr_ratio=config["min_lr_ratio"],
+        clip_norm=config["clip_norm"],
+        eval_every=total,
+        checkpoint_every=total,
+        log_every=1,
+        precision="fp32",
+    )
+    result = training.train(
+        objective,
+        loss_fn=models.objective_loss,
+        batch_at=batch_at,
+        evaluate=evaluate,
+        config=cfg,
+        device=torch.device("cpu"),
+    )
     losses = [row["loss"] for row in result.history["train"]]
-    return {**_measured(config, boundaries, losses),
-            "optimizer": "torch.optim.AdamW (defaults: single-tensor on CPU)"}
+    return {**_measured(config, boundaries, losses), "optimizer": "torch.optim.AdamW (defaults: single-tensor on CPU)"}
 
 
 def _peer_tokenizer(config: dict[str, Any], special: dict[str, int], vocab: int):
@@ -212,13 +260,18 @@ def _peer_tokenizer(config: dict[str, Any], special: dict[str, int], vocab: int)
     with the same special ids (the collator only needs ids, the mask token and the vocab size)."""
     tokenizer_dir = Path(config["tokenizer_dir"]) if config.get("tokenizer_dir") else None
     tokens_dir = Path(config["tokens_dir"]) if config.get("tokens_dir") else None
-    if tokenizer_dir and tokens_dir and (tokens_dir / "meta.json").is_file() and (tokenizer_dir / "tokenizer.json").is_file():
+    if (
+        tokenizer_dir
+        and tokens_dir
+        and (tokens_dir / "meta.json").is_file()
+        and (tokenizer_dir / "tokenizer.json").is_file()
+    ):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(tokenizer_dir))
     from tokenizers import Tokenizer, models
 
-    from lmpipe.tokenization import SPECIAL_TOKENS, to_transformers
+    from lmpipe.tokenize.tokenization import SPECIAL_TOKENS, to_transformers
 
     names = {i: f"w{i}" for i in range(vocab)}
     for key, i in special.items():
@@ -235,15 +288,20 @@ def _run_peer(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from lmpipe import masking
+    from lmpipe.mlm import masking
 
     transformers.utils.logging.set_verbosity_error()
     batches = make_batches(config, tokens, special, vocab)
     total = config["warmup_steps"] + config["steps"]
     # the very windows our loop draws at each step, in step order (masks are the collator's own)
-    rows = np.concatenate([
-        masking.windows(tokens, batches.train_starts(step, 1), batches.window, special["cls"], special["sep"]).numpy()
-        for step in range(total)])
+    rows = np.concatenate(
+        [
+            masking.windows(
+                tokens, batches.train_starts(step, 1), batches.window, special["cls"], special["sep"]
+            ).numpy()
+            for step in range(total)
+        ]
+    )
 
     class Windows(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -254,11 +312,17 @@ def _run_peer(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
 
     tokenizer = _peer_tokenizer(config, special, vocab)
     if len(tokenizer) != vocab or tokenizer.mask_token_id != special["mask"]:
-        raise RuntimeError(f"peer tokenizer disagrees with the token data: {len(tokenizer)} ids, "
-                           f"[MASK]={tokenizer.mask_token_id} vs {vocab}, {special['mask']}")
+        raise RuntimeError(
+            f"peer tokenizer disagrees with the token data: {len(tokenizer)} ids, "
+            f"[MASK]={tokenizer.mask_token_id} vs {vocab}, {special['mask']}"
+        )
     collator = DataCollatorForLanguageModeling(
-        tokenizer, mlm_probability=config["mask_prob"], mask_replace_prob=config["mask_replace"],
-        random_replace_prob=config["random_replace"], seed=config["seed"])
+        tokenizer,
+        mlm_probability=config["mask_prob"],
+        mask_replace_prob=config["mask_replace"],
+        random_replace_prob=config["random_replace"],
+        seed=config["seed"],
+    )
     boundaries: list[float] = []
     losses: list[float] = []
 
@@ -273,53 +337,122 @@ def _run_peer(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
 
     with tempfile.TemporaryDirectory(prefix="lmpipe-bench-trainer-") as out:
         args = TrainingArguments(
-            output_dir=out, max_steps=total, per_device_train_batch_size=config["batch_size"],
-            learning_rate=config["lr"], weight_decay=config["weight_decay"], adam_beta1=config["betas"][0],
-            adam_beta2=config["betas"][1], max_grad_norm=config["clip_norm"], warmup_steps=config["warmup_steps"],
-            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": config["min_lr_ratio"]},
-            logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True,
-            dataloader_num_workers=0, seed=config["seed"], disable_tqdm=True, train_sampling_strategy="sequential",
-            bf16=False, fp16=False)
+            output_dir=out,
+            max_steps=total,
+            per_device_train_batch_size=config["batch_size"],
+            learning_rate=config["lr"],
+            weight_decay=config["weight_decay"],
+            adam_beta1=config["betas"][0],
+            adam_beta2=config["betas"][1],
+            max_grad_norm=config["clip_norm"],
+            warmup_steps=config["warmup_steps"],
+            lr_scheduler_type="cosine_with_min_lr",
+            lr_scheduler_kwargs={"min_lr_rate": config["min_lr_ratio"]},
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            seed=config["seed"],
+            disable_tqdm=True,
+            train_sampling_strategy="sequential",
+            bf16=False,
+            fp16=False,
+        )
         trainer = Trainer(model=mlm, args=args, train_dataset=Windows(), data_collator=collator, callbacks=[Clock()])
         trainer.remove_callback(PrinterCallback)
         torch.set_num_threads(config["threads"])
         trainer.train()
-        optimizer = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__
+        optimizer = type(
+            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        ).__name__
     if len(losses) != total or not all(math.isfinite(x) for x in losses):
         raise RuntimeError(f"peer logged {len(losses)} losses for {total} steps: {losses}")
-    return {**_measured(config, boundaries, losses), "optimizer": f"{getattr(args.optim, 'value', args.optim)} ({optimizer})"}
+    return {
+        **_measured(config, boundaries, losses),
+        "optimizer": f"{getattr(args.optim, 'value', args.optim)} ({optimizer})",
+    }
 
 
 # --------------------------------------------------------------------------- orchestration
 def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
     runs = common.interleave(MODULE, SIDES, config, repeats, common.log)
-    ours, peer, full = runs["ours"], runs["peer"], runs["ours_full"]
-    m = {side: {k: common.med(r, k) for k in ("tokens_per_s", "mfu", "peak_rss_mb", "loss_mean", "loss_first")}
-         for side, r in runs.items()}
+    ours, peer = runs["ours"], runs["peer"]
+    m = {
+        side: {k: common.med(r, k) for k in ("tokens_per_s", "mfu", "peak_rss_mb", "loss_mean", "loss_first")}
+        for side, r in runs.items()
+    }
     shape = config["arch"]
-    what = (f"{shape.get('family', 'bert')} {shape['num_layers']}x{shape['hidden_size']}, vocab {ours[0]['vocab_size']}, seq "
-            f"{shape['max_length']}, batch {config['batch_size']}, {config['steps']} steps after "
-            f"{config['warmup_steps']} warm-up, fp32, {config['threads']} threads; data: {ours[0]['data']}")
+    what = (
+        f"{shape.get('family', 'bert')} {shape['num_layers']}x{shape['hidden_size']}, "
+        f"vocab {ours[0]['vocab_size']}, seq "
+        f"{shape['max_length']}, batch {config['batch_size']}, {config['steps']} steps after "
+        f"{config['warmup_steps']} warm-up, fp32, {config['threads']} threads; data: {ours[0]['data']}"
+    )
     ours_name, peer_name = "lmpipe loop, masked-only head", "HF Trainer + DataCollatorForLanguageModeling"
     loads = common.load_note(runs)
-    losses = (f"loss ours {m['ours']['loss_mean']:.3f} / full {m['ours_full']['loss_mean']:.3f} / "
-              f"peer {m['peer']['loss_mean']:.3f} (mean over measured steps)")
+    losses = (
+        f"loss ours {m['ours']['loss_mean']:.3f} / full {m['ours_full']['loss_mean']:.3f} / "
+        f"peer {m['peer']['loss_mean']:.3f} (mean over measured steps)"
+    )
     rows = [
-        common.row("mlm_throughput", "tokens/s", ours_name, peer_name, round(m["ours"]["tokens_per_s"], 1),
-                   round(m["peer"]["tokens_per_s"], 1), "tokens/s", "higher", f"{losses}; {loads}"),
-        common.row("mlm_throughput", "MFU", ours_name, peer_name, round(m["ours"]["mfu"], 4),
-                   round(m["peer"]["mfu"], 4), "fraction of peak", "higher",
-                   f"FLOPs counted where they run (head on {config['mask_prob']:.0%} vs 100% of positions); "
-                   f"peak {common.median([r['peak_flops'] for r in ours + peer]) / 1e9:.0f} GFLOP/s probed per process"),
-        common.row("mlm_throughput", "peak RSS", ours_name, peer_name, m["ours"]["peak_rss_mb"],
-                   m["peer"]["peak_rss_mb"], "MiB", "lower", "ru_maxrss of each side's own process"),
-        common.row("mlm_throughput", "tokens/s, head isolated", "lmpipe loop, masked-only head",
-                   "lmpipe loop, full head", round(m["ours"]["tokens_per_s"], 1),
-                   round(m["ours_full"]["tokens_per_s"], 1), "tokens/s", "higher",
-                   "same loop, only the loss differs"),
-        common.row("mlm_throughput", "tokens/s, loop isolated", "lmpipe loop, full head", peer_name,
-                   round(m["ours_full"]["tokens_per_s"], 1), round(m["peer"]["tokens_per_s"], 1), "tokens/s",
-                   "higher", f"same full-vocabulary head; peer optimizer {peer[0]['optimizer']}"),
+        common.row(
+            "mlm_throughput",
+            "tokens/s",
+            ours_name,
+            peer_name,
+            round(m["ours"]["tokens_per_s"], 1),
+            round(m["peer"]["tokens_per_s"], 1),
+            "tokens/s",
+            "higher",
+            f"{losses}; {loads}",
+        ),
+        common.row(
+            "mlm_throughput",
+            "MFU",
+            ours_name,
+            peer_name,
+            round(m["ours"]["mfu"], 4),
+            round(m["peer"]["mfu"], 4),
+            "fraction of peak",
+            "higher",
+            f"FLOPs counted where they run (head on {config['mask_prob']:.0%} vs 100% of positions); "
+            f"peak {common.median([r['peak_flops'] for r in ours + peer]) / 1e9:.0f} GFLOP/s probed per process",
+        ),
+        common.row(
+            "mlm_throughput",
+            "peak RSS",
+            ours_name,
+            peer_name,
+            m["ours"]["peak_rss_mb"],
+            m["peer"]["peak_rss_mb"],
+            "MiB",
+            "lower",
+            "ru_maxrss of each side's own process",
+        ),
+        common.row(
+            "mlm_throughput",
+            "tokens/s, head isolated",
+            "lmpipe loop, masked-only head",
+            "lmpipe loop, full head",
+            round(m["ours"]["tokens_per_s"], 1),
+            round(m["ours_full"]["tokens_per_s"], 1),
+            "tokens/s",
+            "higher",
+            "same loop, only the loss differs",
+        ),
+        common.row(
+            "mlm_throughput",
+            "tokens/s, loop isolated",
+            "lmpipe loop, full head",
+            peer_name,
+            round(m["ours_full"]["tokens_per_s"], 1),
+            round(m["peer"]["tokens_per_s"], 1),
+            "tokens/s",
+            "higher",
+            f"same full-vocabulary head; peer optimizer {peer[0]['optimizer']}",
+        ),
     ]
     return {"benchmark": "mlm_throughput", "description": what, "rows": rows, "medians": m, "runs": runs}
 

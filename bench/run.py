@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from bench import common
 
@@ -32,10 +33,16 @@ OUT_DIR = Path(__file__).resolve().parent
 
 def git_revision() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=common.ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=common.ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=common.ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -87,41 +94,65 @@ def render_markdown(results: dict[str, Any]) -> str:
         for r in bench["rows"]:
             lines.append(
                 f"| {name}: {r['metric']} | {r['ours_name']} | {r['peer_name']} | {_fmt(r['ours'])} | "
-                f"{_fmt(r['peer'])} | **{_fmt(r['ratio'])}** | {r['unit']} | {r['better']} | {r['notes']} |")
+                f"{_fmt(r['peer'])} | **{_fmt(r['ratio'])}** | {r['unit']} | {r['better']} | {r['notes']} |"
+            )
     lines += ["", "## Setups", ""]
     for name, bench in results["benchmarks"].items():
         load = bench.get("load_before", [])
-        lines.append(f"- **{name}** ({bench.get('seconds', 0):.0f} s, {bench.get('repeats')} interleaved rounds, "
-                     f"load before {', '.join(map(str, load))}): {bench['description']}")
+        lines.append(
+            f"- **{name}** ({bench.get('seconds', 0):.0f} s, {bench.get('repeats')} interleaved rounds, "
+            f"load before {', '.join(map(str, load))}): {bench['description']}"
+        )
     high = [n for n, b in results["benchmarks"].items() if b.get("load_before", [0])[0] > common.HIGH_LOAD]
-    lines += ["", "## Machine", "",
-              f"- CPU: {machine['cpu_model']}, {machine['cpu_count']} cores ({machine['cpus_usable']} usable), "
-              f"torch / ORT threads: {machine['torch_threads']}",
-              f"- load average (1, 5, 15 min) at start: {', '.join(map(str, machine['load_average_at_start']))}",
-              "- thread environment: " + (", ".join(f"{k}={v}" for k, v in machine.get("thread_env", {}).items())
-                                          or "defaults (no OMP_* / GOMP_* variable set)"),
-              f"- Python {machine['python']}; " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items())]
+    lines += [
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu_model']}, {machine['cpu_count']} cores ({machine['cpus_usable']} usable), "
+        f"torch / ORT threads: {machine['torch_threads']}",
+        f"- load average (1, 5, 15 min) at start: {', '.join(map(str, machine['load_average_at_start']))}",
+        "- thread environment: "
+        + (
+            ", ".join(f"{k}={v}" for k, v in machine.get("thread_env", {}).items())
+            or "defaults (no OMP_* / GOMP_* variable set)"
+        ),
+        f"- Python {machine['python']}; " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items()),
+    ]
     if high:
-        lines += ["", f"**Note:** the 1-minute load exceeded {common.HIGH_LOAD:g} before {', '.join(high)}: other "
-                  "work shared the cores, so absolute figures are low and noisy. Both sides ran back to back, "
-                  "interleaved, under the same load; but runtimes whose worker threads spin (torch's OpenMP, "
-                  "ONNX Runtime) lose far more than others when a core is taken, which distorts ratios "
-                  + ("(this run: no spinning on any side)." if machine.get("thread_env", {}).get("LMPIPE_BENCH_NO_SPIN")
-                     else "(see `python -m bench.run --no-spin`, bench/results-nospin.md).")]
+        lines += [
+            "",
+            f"**Note:** the 1-minute load exceeded {common.HIGH_LOAD:g} before {', '.join(high)}: other "
+            "work shared the cores, so absolute figures are low and noisy. Both sides ran back to back, "
+            "interleaved, under the same load; but runtimes whose worker threads spin (torch's OpenMP, "
+            "ONNX Runtime) lose far more than others when a core is taken, which distorts ratios "
+            + (
+                "(this run: no spinning on any side)."
+                if machine.get("thread_env", {}).get("LMPIPE_BENCH_NO_SPIN")
+                else "(see `python -m bench.run --no-spin`, bench/results-nospin.md)."
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})"
+    )
     parser.add_argument("--quick", action="store_true", help="micro configurations (checks the code, measures nothing)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds per benchmark (default 2)")
-    parser.add_argument("--no-spin", action="store_true",
-                        help="OMP_WAIT_POLICY=PASSIVE for torch, allow_spinning=0 for ORT: fairer on a shared, "
-                             "oversubscribed machine; writes results-nospin.json / .md")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="where results.json / results.md go (default: bench/; --quick: print only)")
+    parser.add_argument(
+        "--no-spin",
+        action="store_true",
+        help="OMP_WAIT_POLICY=PASSIVE for torch, allow_spinning=0 for ORT: fairer on a shared, "
+        "oversubscribed machine; writes results-nospin.json / .md",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help="where results.json / results.md go (default: bench/; --quick: print only)",
+    )
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:

@@ -4,14 +4,14 @@ Text: the first `mb` MB (whole lines) of `data/processed/corpus.txt` (the pretra
 when it exists, else generated English-like text; read into memory before any clock starts.
 
 Training (each side in its own process, interleaved):
-- `train_ours`: `lmpipe.tokenization.train_tokenizer` (WordPiece, BERT normalizer, vocab 8,000,
+- `train_ours`: `lmpipe.tokenize.tokenization.train_tokenizer` (WordPiece, BERT normalizer, vocab 8,000,
   min_frequency 2): one extra pass over the text to seed the `##c` pieces in sorted order (for
   byte-identical outputs), then training (twice if a continuation character was missed).
 - `train_peer`: the `tokenizers` documentation recipe with the same model, normalizer,
   pre-tokenizer, vocab size and minimum frequency, no seeding pass.
 
 Encoding (the tokenizer `train_ours` just trained, so both sides split the same way):
-- `encode_ours`: `lmpipe.tokenization.encode_split`, i.e. `Tokenizer.encode_batch` over batches
+- `encode_ours`: `lmpipe.tokenize.tokenization.encode_split`, i.e. `Tokenizer.encode_batch` over batches
   of `batch_docs` documents, ids packed into the flat uint16 `.bin` + `.idx.npy` files the
   pretraining stage memory-maps (written to a temp folder: file writes are included).
 - `encode_peer`: `AutoTokenizer.from_pretrained(<the saved transformers folder>)` called as
@@ -34,13 +34,15 @@ MODULE = "bench.tokenize_speed"
 CORPUS = Path("data/processed/corpus.txt")
 TRAIN_SIDES = ("train_ours", "train_peer")
 ENCODE_SIDES = ("encode_ours", "encode_peer")
-WORDS = ("the film was a great and moving story about love loss and hope but the acting felt "
-         "wooden while the score soared above every scene I would not watch it again though "
-         "my friends loved its bold colours strange humour and unexpected ending").split()
+WORDS = (
+    "the film was a great and moving story about love loss and hope but the acting felt "
+    "wooden while the score soared above every scene I would not watch it again though "
+    "my friends loved its bold colours strange humour and unexpected ending"
+).split()
 
 
 def default_config(quick: bool = False) -> dict[str, Any]:
-    from lmpipe.params import load_params
+    from lmpipe.core.params import load_params
 
     tok = load_params(common.ROOT / "params.yaml").tokenize
     config = {
@@ -107,22 +109,26 @@ def run_side(side: str, config: dict[str, Any]) -> dict[str, Any]:
 def _train(side: str, config: dict[str, Any], lines: list[str]) -> dict[str, Any]:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    from lmpipe import tokenization
+    from lmpipe.tokenize import tokenization
 
     batches = batched(lines, tokenization.TRAIN_BATCH_LINES)
     start = time.perf_counter()
     if side == "train_ours":
         tokenizer = tokenization.train_tokenizer(
-            lambda: iter(batches), "wordpiece", config["vocab_size"], config["min_frequency"], config["lowercase"])
+            lambda: iter(batches), "wordpiece", config["vocab_size"], config["min_frequency"], config["lowercase"]
+        )
     else:
         tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tokenizer.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=config["lowercase"],
-            lowercase=config["lowercase"])
+            clean_text=True, handle_chinese_chars=True, strip_accents=config["lowercase"], lowercase=config["lowercase"]
+        )
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         trainer = trainers.WordPieceTrainer(
-            vocab_size=config["vocab_size"], min_frequency=config["min_frequency"],
-            special_tokens=list(tokenization.SPECIAL_TOKENS.values()), show_progress=False)
+            vocab_size=config["vocab_size"],
+            min_frequency=config["min_frequency"],
+            special_tokens=list(tokenization.SPECIAL_TOKENS.values()),
+            show_progress=False,
+        )
         tokenizer.train_from_iterator(iter(batches), trainer=trainer)
     seconds = time.perf_counter() - start
     if side == "train_ours" and config.get("tokenizer_dir"):
@@ -136,11 +142,16 @@ def _tokenizer_dir(config: dict[str, Any], lines: list[str]) -> Path:
     """The orchestrator's saved tokenizer, or (stand-alone / unit test) one trained here, untimed."""
     if config.get("tokenizer_dir") and (Path(config["tokenizer_dir"]) / "tokenizer.json").is_file():
         return Path(config["tokenizer_dir"])
-    from lmpipe import tokenization
+    from lmpipe.tokenize import tokenization
 
     out = Path(tempfile.mkdtemp(prefix="lmpipe-bench-tok-"))
-    tok = tokenization.train_tokenizer(lambda: iter(batched(lines, 1000)), "wordpiece", config["vocab_size"],
-                                       config["min_frequency"], config["lowercase"])
+    tok = tokenization.train_tokenizer(
+        lambda: iter(batched(lines, 1000)),
+        "wordpiece",
+        config["vocab_size"],
+        config["min_frequency"],
+        config["lowercase"],
+    )
     tokenization.save_tokenizer(tok, out, "wordpiece", config["lowercase"])
     return out
 
@@ -151,7 +162,7 @@ def _encode(side: str, config: dict[str, Any], lines: list[str]) -> dict[str, An
     if side == "encode_ours":
         from tokenizers import Tokenizer
 
-        from lmpipe import tokenization
+        from lmpipe.tokenize import tokenization
 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         dtype = tokenization.token_dtype(tokenizer.get_vocab_size())
@@ -187,21 +198,41 @@ def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
     counts = {r["tokens"] for side in encode.values() for r in side}
     if len(counts) != 1:
         raise RuntimeError(f"ours and the peer produced different token totals {sorted(counts)}: not comparable")
-    ours_train, peer_train = common.med(train["train_ours"], "train_seconds"), common.med(train["train_peer"], "train_seconds")
+    ours_train, peer_train = (
+        common.med(train["train_ours"], "train_seconds"),
+        common.med(train["train_peer"], "train_seconds"),
+    )
     ours_mbs, peer_mbs = common.med(encode["encode_ours"], "mb_per_s"), common.med(encode["encode_peer"], "mb_per_s")
     first = encode["encode_ours"][0]
-    what = (f"{first['text']}, {first['documents']} documents, {first['tokens']} tokens; WordPiece vocab "
-            f"{config['vocab_size']}, batches of {config['batch_docs']} documents")
+    what = (
+        f"{first['text']}, {first['documents']} documents, {first['tokens']} tokens; WordPiece vocab "
+        f"{config['vocab_size']}, batches of {config['batch_docs']} documents"
+    )
     rows = [
-        common.row("tokenize_speed", "encode", "lmpipe encode_split (packed arrays)",
-                   "transformers tokenizer __call__", round(ours_mbs, 3), round(peer_mbs, 3), "MB/s", "higher",
-                   f"same tokenizer, same {counts.pop()} tokens; {common.load_note(encode)}"),
-        common.row("tokenize_speed", "train tokenizer", "lmpipe train_tokenizer (seeded, deterministic)",
-                   "tokenizers WordPieceTrainer recipe", round(ours_train, 2), round(peer_train, 2), "s", "lower",
-                   f"same text, vocab, normalizer; {common.load_note(train)}"),
+        common.row(
+            "tokenize_speed",
+            "encode",
+            "lmpipe encode_split (packed arrays)",
+            "transformers tokenizer __call__",
+            round(ours_mbs, 3),
+            round(peer_mbs, 3),
+            "MB/s",
+            "higher",
+            f"same tokenizer, same {counts.pop()} tokens; {common.load_note(encode)}",
+        ),
+        common.row(
+            "tokenize_speed",
+            "train tokenizer",
+            "lmpipe train_tokenizer (seeded, deterministic)",
+            "tokenizers WordPieceTrainer recipe",
+            round(ours_train, 2),
+            round(peer_train, 2),
+            "s",
+            "lower",
+            f"same text, vocab, normalizer; {common.load_note(train)}",
+        ),
     ]
-    return {"benchmark": "tokenize_speed", "description": what, "rows": rows,
-            "runs": {**train, **encode}}
+    return {"benchmark": "tokenize_speed", "description": what, "rows": rows, "runs": {**train, **encode}}
 
 
 if __name__ == "__main__":

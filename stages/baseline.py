@@ -4,7 +4,7 @@ The bar every transformer must clear: on IMDB it is hard to beat on a CPU budget
 
 Reads:  data/processed/{train,val}.parquet + labels.json, params `base.seed` and `baseline`.
 Writes: models/baseline/model.json (no pickle: vocabulary, idf, coefficients, intercepts, labels,
-        params; `lmpipe.baseline.load` reads it), reports/baseline/metrics.json.
+        params; `lmpipe.baseline.baseline.load` reads it), reports/baseline/metrics.json.
 
 Features:
 - word 1..ngram_max TF-IDF (min_df, max_features, sublinear tf) + L2 logistic regression (C);
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmpipe import baseline
-from lmpipe.finetuning import check_processed
-from lmpipe.io import atomic_dir, write_json
-from lmpipe.params import load_params
-from lmpipe.stage import run
-from lmpipe.tracking import stage_run
+from lmpipe.baseline import baseline
+from lmpipe.core.io import atomic_dir, write_json
+from lmpipe.core.params import load_params
+from lmpipe.core.stage import run
+from lmpipe.core.tracking import stage_run
+from lmpipe.task.splits import check_processed
 
 PROCESSED = Path("data/processed")
 MODEL_DIR = Path("models/baseline")
@@ -32,8 +32,9 @@ METRICS = Path("reports/baseline/metrics.json")
 def main() -> None:
     params = load_params()
     check_processed(PROCESSED)
-    with stage_run("baseline", params, sections=("baseline",), inputs=(str(PROCESSED),),
-                   outputs=(str(MODEL_DIR),)) as tracker:
+    with stage_run(
+        "baseline", params, sections=("baseline",), inputs=(str(PROCESSED),), outputs=(str(MODEL_DIR),)
+    ) as tracker:
         tracker.log_input(PROCESSED, context="train")
         blob, metrics = baseline.run_baseline(PROCESSED, params.baseline, params.base.seed)
         with atomic_dir(MODEL_DIR) as tmp:

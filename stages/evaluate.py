@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmpipe import evaluation
-from lmpipe.errors import LmpipeError
-from lmpipe.io import atomic_dir
-from lmpipe.params import load_params
-from lmpipe.stage import run, setup_torch
-from lmpipe.tracking import stage_run
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.io import atomic_dir
+from lmpipe.core.lineage import upstream_tags
+from lmpipe.core.params import load_params
+from lmpipe.core.stage import run, setup_torch
+from lmpipe.core.tracking import stage_run
+from lmpipe.evaluate import evaluation
 
 PROCESSED = Path("data/processed")
 BASELINE = Path("models/baseline")
@@ -48,15 +49,17 @@ def main() -> dict:
     inputs = [str(PROCESSED), str(BASELINE), str(PRETRAINED), str(FINETUNED)]
     inputs += [str(spec.path) for spec in models if spec.kind == "transformer"]
     device = setup_torch(params.base.seed, params.base.threads, params.base.device)
-    with stage_run("evaluate", params, sections=("*",), inputs=tuple(inputs),
-                   outputs=tuple(str(OUT / name) for name in OUTPUTS)) as tracker:
-        result = evaluation.evaluate(test, models, pretrained=PRETRAINED, settings=params.evaluate,
-                                     seed=params.base.seed, device=device)
+    with stage_run(
+        "evaluate", params, sections=("*",), inputs=tuple(inputs), outputs=tuple(str(OUT / name) for name in OUTPUTS)
+    ) as tracker:
+        result = evaluation.evaluate(
+            test, models, pretrained=PRETRAINED, settings=params.evaluate, seed=params.base.seed, device=device
+        )
         with atomic_dir(OUT) as tmp:
             head = evaluation.write_reports(result, tmp, curves_root=Path("reports"))
         tracker.log_metrics(evaluation.flat_metrics(head))
         if tracker.active:
-            tracker.set_tags(evaluation.upstream_tags(params.base.experiment, inputs))
+            tracker.set_tags(upstream_tags(params.base.experiment, inputs))
         tracker.log_input(PROCESSED / "test.parquet", context="test")
         tracker.log_artifact(OUT / "plots", "plots")
         tracker.log_artifact(OUT / "comparison.md")

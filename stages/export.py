@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmpipe.export import build_export, export_inputs, publish, select_model, write_card
-from lmpipe.io import atomic_dir, read_json, write_json
-from lmpipe.params import flatten, load_params
-from lmpipe.stage import run, setup_torch
-from lmpipe.tracking import stage_run
+from lmpipe.core.io import atomic_dir, read_json, write_json
+from lmpipe.core.lineage import TAG_EXPORT_MODEL
+from lmpipe.core.params import flatten, load_params
+from lmpipe.core.stage import run, setup_torch
+from lmpipe.core.tracking import stage_run
+from lmpipe.export.export import build_export, export_inputs, publish, select_model, write_card
 
 PROCESSED, FINETUNED, REPORTS = "data/processed", "models/finetuned", "reports/finetune"
 EVALUATE_METRICS = "reports/evaluate/metrics.json"
@@ -40,13 +41,25 @@ def main() -> None:
     name, candidates = select_model(cfg.model, cfg.selection_metric, list(params.finetune.backbones), REPORTS)
     print(f"export: {name} ({cfg.selection_metric} " + ", ".join(f"{k}={v:.4f}" for k, v in candidates.items()) + ")")
     inputs = export_inputs(name, candidates, PROCESSED, FINETUNED, REPORTS, EVALUATE_METRICS)
-    tags = {"lmpipe.export.model": name}
-    with stage_run("export", params, sections=("export",), inputs=tuple(inputs), outputs=(OUT, METRICS), extra_tags=tags) as tracker:
+    tags = {TAG_EXPORT_MODEL: name}
+    with stage_run(
+        "export", params, sections=("export",), inputs=tuple(inputs), outputs=(OUT, METRICS), extra_tags=tags
+    ) as tracker:
         with atomic_dir(OUT) as tmp:
-            result = build_export(Path(FINETUNED) / name, tmp, Path(PROCESSED), cfg, seed=params.base.seed, threads=params.base.threads)
+            result = build_export(
+                Path(FINETUNED) / name, tmp, Path(PROCESSED), cfg, seed=params.base.seed, threads=params.base.threads
+            )
             write_card(
-                tmp, Path("."), result, name=name, source=f"{FINETUNED}/{name}", selected_by=cfg.selection_metric,
-                candidates=candidates, inputs=inputs, cfg=cfg, evaluate_metrics=Path(EVALUATE_METRICS),
+                tmp,
+                Path("."),
+                result,
+                name=name,
+                source=f"{FINETUNED}/{name}",
+                selected_by=cfg.selection_metric,
+                candidates=candidates,
+                inputs=inputs,
+                cfg=cfg,
+                evaluate_metrics=Path(EVALUATE_METRICS),
                 val_metrics=read_json(Path(REPORTS) / name / "metrics.json"),
             )
         write_json(METRICS, result.metrics)

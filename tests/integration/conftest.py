@@ -76,7 +76,8 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> su
     done = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(
-            f"{' '.join(cmd)} exited {done.returncode}\n--- stdout\n{done.stdout[-4000:]}\n--- stderr\n{done.stderr[-6000:]}"
+            f"{' '.join(cmd)} exited {done.returncode}\n--- stdout\n{done.stdout[-4000:]}"
+            f"\n--- stderr\n{done.stderr[-6000:]}"
         )
     return done
 
@@ -95,9 +96,13 @@ def copy_project(dest: Path, override: dict | None = None) -> Path:
     The workspace's own pipeline outputs stay behind: the copy runs its own pipeline, as a
     clean clone in CI does.
     """
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     outputs = ("data/", "models/", "checkpoints/", "reports/", "mlartifacts/", "dvc.lock")
     for rel in filter(None, listed):
         if rel.startswith(outputs):  # pipeline outputs of the workspace, tracked by git or not

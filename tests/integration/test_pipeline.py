@@ -11,15 +11,24 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lmpipe.lineage import dvc_md5, read_lock
+from lmpipe.core.lineage import dvc_md5, read_lock
 
 from .conftest import dvc, git, run
 
 pytestmark = pytest.mark.integration
 
 STAGES = {
-    "fetch", "fetch_backbone", "preprocess", "tokenize", "pretrain",
-    "finetune@scratch", "finetune@random", "finetune@minilm", "baseline", "evaluate", "export",
+    "fetch",
+    "fetch_backbone",
+    "preprocess",
+    "tokenize",
+    "pretrain",
+    "finetune@scratch",
+    "finetune@random",
+    "finetune@minilm",
+    "baseline",
+    "evaluate",
+    "export",
 }
 
 
@@ -64,7 +73,7 @@ def test_every_stage_logged_one_finished_run_with_hash_tags(pipeline):
         run = finished[0]
         assert run.data.tags["lmpipe.group"] == "integration"
         recorded = {o["path"]: o["md5"] for o in lock[stage]["outs"]}
-        tagged = {k[len("dvc.out."):]: v for k, v in run.data.tags.items() if k.startswith("dvc.out.")}
+        tagged = {k[len("dvc.out.") :]: v for k, v in run.data.tags.items() if k.startswith("dvc.out.")}
         assert tagged, f"{stage} tagged no output hash"
         for out_path, md5 in tagged.items():
             assert recorded[out_path] == md5, (stage, out_path)
@@ -105,8 +114,11 @@ def test_forced_rerun_of_data_stages_gives_identical_bytes(pipeline):
     for stage in ("preprocess", "tokenize"):
         dvc("repro", "-f", "-s", stage, cwd=path)
     after = read_lock(path)
+
+    def data(outs):
+        return [o for o in outs if not o["path"].startswith("reports/")]  # reports hold timings
+
     for stage in ("preprocess", "tokenize"):
-        data = lambda outs: [o for o in outs if not o["path"].startswith("reports/")]  # timings
         assert data(after[stage]["outs"]) == data(before[stage]["outs"]), stage
 
 

@@ -89,7 +89,7 @@ def test_registered_export_is_served_by_mlflow(tmp_path, tracking_uri, monkeypat
     assert version.source == f"models:/{model_id}"
     assert client.get_logged_model(model_id).experiment_id == run.info.experiment_id
 
-    from lmpipe.predict import Predictor
+    from lmpipe.inference.predictor import Predictor
 
     expected = Predictor(root / "models/export", "torch", threads=1).predict(TEXTS)
     assert sorted(expected["label"]) == sorted(LABELS)  # one text of each class
@@ -98,13 +98,31 @@ def test_registered_export_is_served_by_mlflow(tmp_path, tracking_uri, monkeypat
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1",
-           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    command = [str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", "models:/lmpipe-classifier/1",
-               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "HF_HUB_OFFLINE": "1",
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
+    command = [
+        str(Path(bin_dir) / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        "models:/lmpipe-classifier/1",
+        "--env-manager",
+        "local",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(log, "wb") as sink:
-        server = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            command, env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         wait_for_ping(url, server, log)
         records = post(url + "/invocations", {"dataframe_records": [{"text": t} for t in TEXTS]})

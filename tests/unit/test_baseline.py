@@ -1,4 +1,4 @@
-"""lmpipe.baseline and stages/baseline.py: TF-IDF + logistic regression stored as JSON."""
+"""lmpipe.baseline.baseline and stages/baseline.py: TF-IDF + logistic regression stored as JSON."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from lmpipe import baseline
-from lmpipe.errors import LmpipeError
-from lmpipe.params import BaselineParams
+from lmpipe.baseline import baseline
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.params import BaselineParams
 
 POSITIVE = ["good", "great", "wonderful", "superb", "loved"]
 NEGATIVE = ["bad", "awful", "boring", "terrible", "hated"]

@@ -17,7 +17,7 @@ from bench import common, inference, mlm_throughput, run, tokenize_speed
 
 @pytest.fixture(autouse=True)
 def restore_torch_state():
-    """The sides call lmpipe.stage.setup_torch (threads, deterministic kernels): undo it."""
+    """The sides call lmpipe.core.stage.setup_torch (threads, deterministic kernels): undo it."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     yield
     torch.set_num_threads(threads)
@@ -66,10 +66,19 @@ def test_results_table_reports_ratios_and_flags_high_load():
     row = common.row("demo", "speed", "ours", "theirs", 3.0, 2.0, "items/s", "higher", "note")
     assert row["ratio"] == 1.5
     results = {
-        "command": "python -m bench.run demo", "revision": "abc", "seconds": 1.0,
+        "command": "python -m bench.run demo",
+        "revision": "abc",
+        "seconds": 1.0,
         "machine": {**common.machine_facts(), "load_average_at_start": [3.0, 2.0, 1.0]},
-        "benchmarks": {"demo": {"rows": [row], "description": "a demo", "seconds": 1.0, "repeats": 2,
-                                "load_before": [common.HIGH_LOAD + 1, 1.0, 1.0]}},
+        "benchmarks": {
+            "demo": {
+                "rows": [row],
+                "description": "a demo",
+                "seconds": 1.0,
+                "repeats": 2,
+                "load_before": [common.HIGH_LOAD + 1, 1.0, 1.0],
+            }
+        },
     }
     text = run.render_markdown(results)
     assert "| demo: speed | ours | theirs | 3.00 | 2.00 | **1.50** | items/s | higher | note |" in text

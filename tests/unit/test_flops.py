@@ -1,4 +1,4 @@
-"""lmpipe.flops: the FLOPs-per-token formula against a hand count, and the peak probe."""
+"""lmpipe.train.flops: the FLOPs-per-token formula against a hand count, and the peak probe."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmpipe import flops
-
+from lmpipe.train import flops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_encoder_formula_matches_a_hand_count_of_every_matmul():
-    L, H, I, T = 2, 32, 64, 16
-    # forward, per token and layer: Q,K,V,O projections 4 x 2*H*H; feed-forward 2*H*I + 2*I*H;
+    L, H, FF, T = 2, 32, 64, 16
+    # forward, per token and layer: Q,K,V,O projections 4 x 2*H*H; feed-forward 2*H*FF + 2*FF*H;
     # attention scores QK^T 2*T*H and weighted sum AV 2*T*H. Training = 3 x forward.
-    forward = L * (4 * 2 * H * H + 2 * 2 * H * I + 2 * 2 * T * H)
-    assert flops.encoder_flops_per_token(L, H, I, T) == 3 * forward == 6 * 2 * (4 * H * H + 2 * H * I) + 12 * L * T * H
+    forward = L * (4 * 2 * H * H + 2 * 2 * H * FF + 2 * 2 * T * H)
+    assert (
+        flops.encoder_flops_per_token(L, H, FF, T) == 3 * forward == 6 * 2 * (4 * H * H + 2 * H * FF) + 12 * L * T * H
+    )
 
 
 def test_mlm_head_is_counted_only_on_the_share_of_positions_it_sees():
@@ -33,11 +34,12 @@ def test_mlm_head_is_counted_only_on_the_share_of_positions_it_sees():
 def test_formula_agrees_with_torch_flop_counter_on_each_family(family):
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lmpipe import models
-    from lmpipe.params import Architecture
+    from lmpipe.core.params import Architecture
+    from lmpipe.mlm import models
 
-    arch = Architecture(family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
-                        max_length=16, dropout=0.0)
+    arch = Architecture(
+        family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.0
+    )
     config = models.mlm_config(arch, 100, {"pad": 0, "cls": 2, "sep": 3})
     config._attn_implementation = "eager"  # FlopCounterMode does not see inside CPU SDPA kernels
     mlm = models.build_mlm(config, 0)

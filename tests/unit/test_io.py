@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmpipe.io import atomic_dir, atomic_file, load_yaml, read_json, write_json
+from lmpipe.core.io import atomic_dir, atomic_file, load_yaml, read_json, write_json
 
 
 def test_atomic_file_leaves_nothing_on_error(tmp_path):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from lmpipe.lineage import dvc_md5, git_state, read_lock, upstream_stages
-from lmpipe.project import default_tracking_uri, project_root
+from lmpipe.core.lineage import dvc_md5, git_state, read_lock, upstream_stages
+from lmpipe.core.project import default_tracking_uri, project_root
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -51,7 +51,9 @@ def test_project_root_maps_a_dvc_temp_experiment_back_to_the_project(tmp_path, m
 
 
 def test_git_state_reports_revision_and_dirty_flag(tmp_path):
-    run = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
     run("init", "-q")
     (tmp_path / "f").write_text("1")
     run("add", "f")

@@ -1,4 +1,4 @@
-"""lmpipe.masking: BERT masking proportions, special tokens, windows and pure batch functions."""
+"""lmpipe.mlm.masking: BERT masking proportions, special tokens, windows and pure batch functions."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe import masking
-from lmpipe.errors import LmpipeError
+from lmpipe.core.errors import LmpipeError
+from lmpipe.mlm import masking
 
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
 SPECIALS = (PAD, UNK, CLS, SEP, MASK)
@@ -19,8 +19,9 @@ def corpus(n: int = 5000, seed: int = 0) -> np.ndarray:
 
 
 def batches(**overrides) -> masking.MLMBatches:
-    kwargs = dict(max_length=16, batch_size=4, grad_accum=2, eval_batches=3, seed=7,
-                  cls_id=CLS, sep_id=SEP, masking=CFG)
+    kwargs = dict(
+        max_length=16, batch_size=4, grad_accum=2, eval_batches=3, seed=7, cls_id=CLS, sep_id=SEP, masking=CFG
+    )
     kwargs.update(overrides)
     return masking.MLMBatches(corpus(), corpus(800, seed=1), **kwargs)
 
@@ -118,5 +119,15 @@ def test_validation_batches_are_fixed_and_cover_the_split():
 
 def test_too_short_a_split_names_the_file():
     with pytest.raises(LmpipeError, match="val.bin: holds 10 tokens"):
-        masking.MLMBatches(corpus(), corpus(10), max_length=16, batch_size=2, grad_accum=1,
-                           eval_batches=1, seed=0, cls_id=CLS, sep_id=SEP, masking=CFG)
+        masking.MLMBatches(
+            corpus(),
+            corpus(10),
+            max_length=16,
+            batch_size=2,
+            grad_accum=1,
+            eval_batches=1,
+            seed=0,
+            cls_id=CLS,
+            sep_id=SEP,
+            masking=CFG,
+        )

@@ -1,4 +1,4 @@
-"""lmpipe.metrics: hand-computed values, scikit-learn agreement, bootstrap and McNemar."""
+"""lmpipe.task.metrics: hand-computed values, scikit-learn agreement, bootstrap and McNemar."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lmpipe import metrics as M
+from lmpipe.task import metrics as M
 
 # Six examples worked by hand. p(positive) = P1; prediction = p > 0.5.
 #   y     0    0    0    0     1    1
@@ -47,9 +47,7 @@ def test_hand_computed_example_gives_worked_values():
 def test_single_metric_helpers_agree_with_the_combined_call():
     pred = PROBS.argmax(axis=1)
     assert M.accuracy(Y, pred) == pytest.approx(5 / 6)
-    assert M.macro_precision_recall_f1(Y, pred, 2) == pytest.approx(
-        {"precision": 0.9, "recall": 0.75, "f1": 7 / 9}
-    )
+    assert M.macro_precision_recall_f1(Y, pred, 2) == pytest.approx({"precision": 0.9, "recall": 0.75, "f1": 7 / 9})
     assert M.roc_auc(Y, PROBS) == pytest.approx(0.75)
     assert M.expected_calibration_error(Y, PROBS, 10) == pytest.approx(1.3 / 6)
 

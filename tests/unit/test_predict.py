@@ -1,4 +1,4 @@
-"""`lmpipe predict` (lmpipe/predict.py) on the export of the tiny stand-in classifier."""
+"""`lmpipe predict` (lmpipe/cli/predict.py) on the export of the tiny stand-in classifier."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lmpipe.errors import LmpipeError
-from lmpipe.predict import Predictor, add_predict_parser, main
+from lmpipe.cli.main import main as cli_main
+from lmpipe.cli.predict import add_predict_parser
+from lmpipe.core.errors import LmpipeError
+from lmpipe.inference.predictor import Predictor
 from tests.unit.test_export import LABELS, MAX_LENGTH, ROOT, make_classifier, make_project, make_reviews
 
 
@@ -32,12 +34,17 @@ def export_dir(tmp_path_factory):
     return root / "models" / "export"
 
 
+def main(argv: list[str]) -> int:
+    """`lmpipe predict ARGV...` in process."""
+    return cli_main(["predict", *argv])
+
+
 def reference_probs(hf, texts) -> np.ndarray:
-    """Probabilities computed without lmpipe.predict: HF model, shared encoding, one text at a time."""
+    """Probabilities computed without lmpipe.cli.predict: HF model, shared encoding, one text at a time."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lmpipe.finetuning import encode_texts
+    from lmpipe.inference.encoding import encode_texts
 
     model = AutoModelForSequenceClassification.from_pretrained(hf).eval()
     tokenizer = AutoTokenizer.from_pretrained(hf)
@@ -74,8 +81,22 @@ def test_csv_in_csv_out_keeps_columns_and_matches_torch(export_dir, tmp_path, ba
     source = tmp_path / "reviews.csv"
     pd.DataFrame({"id": range(12), "review": texts}).to_csv(source, index=False)
     out = tmp_path / "preds.csv"
-    args = ["--input", str(source), "--output", str(out), "--text-column", "review",
-            "--model", str(export_dir), "--backend", backend, "--batch-size", "5", "--threads", "1"]
+    args = [
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+        "--text-column",
+        "review",
+        "--model",
+        str(export_dir),
+        "--backend",
+        backend,
+        "--batch-size",
+        "5",
+        "--threads",
+        "1",
+    ]
     assert main(args) == 0
     assert f"{out}: 12 predictions" in capsys.readouterr().out
     preds = pd.read_csv(out)
@@ -103,18 +124,21 @@ def test_csv_without_the_text_column_is_named(export_dir, tmp_path, capsys):
 
 def test_empty_text_is_named_by_row(export_dir, tmp_path, capsys):
     source = tmp_path / "in.csv"
-    source.write_text("text\ngood film\n\"  \"\n")
+    source.write_text('text\ngood film\n"  "\n')
     assert main(["-i", str(source), "--model", str(export_dir)]) == 2
     assert f"{source} row 2: column 'text' is empty" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("backend, missing", [
-    ("torch", "hf/model.safetensors"),
-    ("torch", "hf/lmpipe.json"),
-    ("torch", "hf/tokenizer.json"),
-    ("onnx", "onnx/model.onnx"),
-    ("onnx-int8", "onnx/model.int8.onnx"),
-])
+@pytest.mark.parametrize(
+    "backend, missing",
+    [
+        ("torch", "hf/model.safetensors"),
+        ("torch", "hf/lmpipe.json"),
+        ("torch", "hf/tokenizer.json"),
+        ("onnx", "onnx/model.onnx"),
+        ("onnx-int8", "onnx/model.int8.onnx"),
+    ],
+)
 def test_incomplete_model_folder_names_the_missing_file(export_dir, tmp_path, capsys, backend, missing):
     broken = tmp_path / "export"
     shutil.copytree(export_dir, broken)
@@ -158,6 +182,7 @@ def test_parser_plugs_into_a_cli_and_the_module_imports_no_heavy_package():
     add_predict_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["predict", "-i", "a.csv", "--backend", "onnx-int8"])
     assert (args.input, args.backend, args.model, args.text_column) == ("a.csv", "onnx-int8", "models/export", "text")
-    code = "import sys, lmpipe.predict; print(sorted({'torch', 'transformers', 'mlflow', 'onnxruntime', 'pandas'} & set(sys.modules)))"
+    heavy = "{'torch', 'transformers', 'mlflow', 'onnxruntime', 'pandas'}"
+    code = f"import sys, lmpipe.cli.main; print(sorted({heavy} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert done.stdout.strip() == "[]"

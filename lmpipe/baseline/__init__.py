@@ -1,0 +1,1 @@
+"""The `baseline` stage: TF-IDF and logistic regression, the classical reference."""

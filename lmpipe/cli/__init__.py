@@ -1,0 +1,1 @@
+"""The `lmpipe` command: params-check, audit, predict."""

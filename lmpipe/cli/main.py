@@ -1,0 +1,82 @@
+"""`lmpipe`: the user's command line (params check, audit, predict).
+
+Heavy packages are imported inside the commands, so `lmpipe --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lmpipe.audit.audit import audit, format_report
+from lmpipe.cli.predict import add_predict_parser
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.io import load_yaml
+from lmpipe.core.project import default_tracking_uri
+
+
+def _params_check(args: argparse.Namespace) -> int:
+
+    from lmpipe.core.params import flatten, load_params, unset_keys
+
+    params = load_params(args.file)
+    print(f"{args.file}: OK ({len(flatten(params))} values in {len(type(params).model_fields)} sections)")
+    unset = unset_keys(load_yaml(Path(args.file).read_text(encoding="utf-8")))
+    if unset:
+        print(
+            f"{args.file}: {len(unset)} key(s) left to the schema default, which DVC does not track "
+            f"(write them out to pin them): {', '.join(unset)}"
+        )
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+
+    uri = None if args.no_mlflow else (args.tracking_uri or default_tracking_uri(args.root))
+    report = audit(args.path, root=args.root, tracking_uri=uri)
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmpipe", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    params = commands.add_parser("params", help="validate params.yaml without running anything")
+    params_sub = params.add_subparsers(dest="params_command", required=True)
+    check = params_sub.add_parser("check", help="validate every section of a params file")
+    check.add_argument("file", nargs="?", default="params.yaml")
+    check.set_defaults(func=_params_check)
+
+    audit = commands.add_parser(
+        "audit",
+        help="how was this model made? check every recorded hash against the disk",
+        description="Walk dvc.lock back from PATH to the raw data: commands, params, input and "
+        "output hashes (recomputed from disk), git revision, package versions, MLflow runs. "
+        "Exit 1 naming the file when anything no longer matches, or a stage is stale.",
+    )
+    audit.add_argument("path", nargs="?", default="models/export", help="an output (default: models/export)")
+    audit.add_argument("--json", action="store_true", help="machine-readable report")
+    audit.add_argument("--root", default=".", help="project root holding dvc.lock (default: .)")
+    audit.add_argument("--tracking-uri", help="MLflow store to look runs up in (default: the project's)")
+    audit.add_argument("--no-mlflow", action="store_true", help="skip the MLflow run look-up")
+    audit.set_defaults(func=_audit)
+
+    add_predict_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LmpipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

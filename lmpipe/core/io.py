@@ -1,0 +1,103 @@
+"""Atomic writes: an output appears complete or not at all.
+
+Every file or folder a stage produces goes through these helpers, so a crash, a kill or a
+validation error never leaves something DVC could mistake for a result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+def _tmp_sibling(path: Path, is_dir: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove(path: Path) -> None:
+    """Delete a file or folder if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success move it into place, on error delete it."""
+    target = Path(path)
+    tmp = _tmp_sibling(target, is_dir=False)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
+        os.replace(tmp, target)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path` whole.
+
+    The old folder (if any) is swapped out and deleted only after the new one is complete.
+    """
+    target = Path(path)
+    tmp = _tmp_sibling(target, is_dir=True)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if target.exists():
+            old = _tmp_sibling(target, is_dir=True)
+            os.rmdir(old)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            remove(old)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically, keys sorted and indented so the bytes are stable and diffable."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML 1.2 exactly as DVC does (ruamel): `lr: 5e-05` is a float, not a string.
+
+    PyYAML (YAML 1.1) reads the floats DVC writes to dvc.lock as strings, so every YAML file
+    the pipeline shares with DVC (params.yaml, dvc.lock) is read here.
+    """
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

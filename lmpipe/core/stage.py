@@ -1,0 +1,50 @@
+"""What every `python -m stages.NAME` shares: the entry guard and the torch set-up."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from lmpipe.core.errors import LmpipeError, Terminated
+
+
+def run(main: Callable[[], Any]) -> None:
+    """Run a stage's main(): a user error prints one line and exits 2; a kill exits 143/130."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except LmpipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Terminated as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        print("stopped: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def setup_torch(seed: int, threads: int, device: str = "auto") -> Any:
+    """Seed every generator, fix the thread count, turn on deterministic kernels; return the device."""
+
+    import numpy as np
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LmpipeError("params.yaml: base.device is 'cuda' but no CUDA device is available")
+    if device == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)  # its attention backward is not deterministic
+    return torch.device(device)

@@ -1,0 +1,1 @@
+"""The `finetune` stage: a backbone plus a classification head, fully, frozen or with LoRA."""

@@ -1,0 +1,1 @@
+"""The masked language model: architectures, masking, the masked-only loss, honest metrics."""

@@ -1,0 +1,1 @@
+"""The `preprocess` stage: raw files to clean, deduplicated, leak-free splits in data/processed."""

@@ -1,0 +1,1 @@
+"""The `pretrain` stage: masked-LM pretraining of the encoder from the token arrays."""

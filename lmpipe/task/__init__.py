@@ -1,0 +1,1 @@
+"""The classification task: the processed splits and how predictions are scored."""

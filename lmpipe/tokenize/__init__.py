@@ -1,0 +1,1 @@
+"""The `tokenize` stage: the WordPiece tokenizer and the packed token arrays pretraining reads."""
