@@ -188,6 +188,11 @@ def test_no_function_in_the_library_is_longer_than_80_lines():
     assert long == []
 
 
+def test_every_library_folder_is_a_package():
+    folders = {p.parent for p in (ROOT / "lmpipe").rglob("*.py")}
+    assert sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").is_file()) == []
+
+
 def test_subpackage_inits_only_document_their_package():
     for path in library_files():
         if path.endswith("__init__.py") and path != "lmpipe/__init__.py":
