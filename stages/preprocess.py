@@ -20,9 +20,10 @@ Features:
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from lmpipe.core.io import write_json
 from lmpipe.core.params import flatten, load_params
+from lmpipe.core.reports import write_stage_reports
 from lmpipe.core.stage import run
 from lmpipe.core.tracking import stage_run
 from lmpipe.preprocess.cleaning import SPLITS, preprocess, read_manifest
@@ -37,7 +38,7 @@ def main() -> None:
     with stage_run("preprocess", params, sections=("preprocess",), inputs=(RAW,), outputs=(OUT, METRICS)) as tracker:
         tracker.log_input(RAW, context="raw")
         metrics = preprocess(RAW, OUT, params.preprocess, params.base.seed)
-        write_json(METRICS, metrics)
+        write_stage_reports("preprocess", Path(METRICS).parent, metrics)
         tracker.log_metrics({re.sub(r"[^\w./ -]", "_", k): v for k, v in flatten(metrics).items()})
         for split in SPLITS:
             tracker.log_input(f"{OUT}/{split}.parquet", context=split)
