@@ -7,10 +7,13 @@ Writes: data/processed/ = train.parquet, val.parquet, test.parquet (columns `tex
         reports/preprocess/metrics.json (data-quality figures).
 
 Features:
+- CSV (with the delimiter fetch recorded), TSV, JSON Lines, Parquet or one folder per label
 - validation with one-line errors naming the file and row: empty or malformed file, missing
   text/label column, bytes that are not UTF-8, a label outside `preprocess.labels`
 - cleaning: `<br />` -> space, other HTML tags removed, entities unescaped, Unicode NFKC,
-  whitespace collapsed; texts outside [min_chars, max_chars] dropped
+  whitespace collapsed; texts outside [min_chars, max_chars] dropped, counted in characters or,
+  with `length_unit: words`, in words (each Han or kana character one word: Chinese and
+  Japanese have no spaces)
 - exact duplicates removed after cleaning (the first kept; a text under two labels dropped
   entirely), so no text can sit in two splits
 - stratified, seeded split; per-split caps as stratified subsamples; byte-identical outputs
