@@ -12,7 +12,7 @@ PORT ?= 5000
 
 MODEL ?= models:/lmpipe-classifier/latest
 
-.PHONY: setup repro test lint format ui serve bench study clean-venv
+.PHONY: setup repro test lint format compare ui serve bench study clean-venv
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ lint: setup
 format: setup
 	$(BIN)/ruff check --fix $(PY_SOURCES)
 	$(BIN)/ruff format $(PY_SOURCES)
+
+# one row per pipeline run (make repro, dvc exp run): the params that differ, the headline with CIs
+compare: setup
+	$(BIN)/lmpipe compare $(COMPARE_ARGS)
 
 ui: setup
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \

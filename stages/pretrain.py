@@ -27,6 +27,7 @@ from pathlib import Path
 from lmpipe.core.io import atomic_dir, write_json
 from lmpipe.core.lineage import TAG_COLLAPSED
 from lmpipe.core.params import load_params
+from lmpipe.core.reports import HEADLINE_FILE, perf_curve_file, write_stage_reports
 from lmpipe.core.stage import run, setup_torch
 from lmpipe.core.tracking import stage_run
 from lmpipe.mlm import models
@@ -54,6 +55,7 @@ def main() -> dict:
             device=device,
             checkpoint_dir=CHECKPOINTS,
             curves_dir=REPORTS,
+            perf_curve=perf_curve_file("pretrain"),
             tracker=tracker,
         )
         if not done.is_main:
@@ -61,7 +63,8 @@ def main() -> dict:
         with atomic_dir(OUT) as tmp:
             models.save_mlm(done.mlm, TOKENIZER, tmp)
         training.finish_checkpoint(CHECKPOINTS, done.metrics["steps"])
-        write_json(REPORTS / "metrics.json", done.metrics)
+        write_stage_reports("pretrain", REPORTS, done.metrics)
+        write_json(REPORTS / HEADLINE_FILE, pretraining.headline(done.metrics))
         collapsed = models.collapsed(done.metrics, params.pretrain.collapse_spread)
         tracker.set_tags({TAG_COLLAPSED: str(collapsed).lower()})
         tracker.log_metrics({k: v for k, v in done.metrics.items() if isinstance(v, (int, float))})

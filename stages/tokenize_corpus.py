@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmpipe.core.io import atomic_dir, write_json
+from lmpipe.core.io import atomic_dir
 from lmpipe.core.params import load_params
+from lmpipe.core.reports import write_stage_reports
 from lmpipe.core.stage import run
 from lmpipe.core.tracking import stage_run
 from lmpipe.tokenize import tokenization
@@ -60,7 +61,7 @@ def main() -> dict[str, float]:
                 lowercase=cfg.lowercase,
                 batch_docs=cfg.batch_docs,
             )
-        write_json(METRICS, metrics)
+        write_stage_reports("tokenize", Path(METRICS).parent, metrics)
         tracker.log_metrics(metrics)
         tracker.log_input(CORPUS, context="train")
         tracker.log_input(VAL, context="val")

@@ -21,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from lmpipe.audit import copies
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import load_yaml
 from lmpipe.core.lineage import (
@@ -33,6 +34,7 @@ from lmpipe.core.lineage import (
     read_lock,
     upstream_stages,
 )
+from lmpipe.core.project import project_root
 
 
 @dataclass
@@ -66,17 +68,8 @@ def lineage_chain(lock: dict[str, Any], target: str) -> list[str]:
     return chain
 
 
-def _cached_listing(root: Path, md5: str) -> dict[str, str] | None:
-    """The per-file md5s DVC stored for a folder hash, if its cache holds them."""
-    digest = md5.removesuffix(".dir")
-    listing = root / ".dvc" / "cache" / "files" / "md5" / digest[:2] / (digest[2:] + ".dir")
-    if not listing.exists():
-        return None
-    return {e["relpath"]: e["md5"] for e in json.loads(listing.read_text())}
-
-
 def _explain_dir_change(root: Path, path: str, recorded: str) -> str:
-    before = _cached_listing(root, recorded)
+    before = copies.cache_listing(root, recorded)
     if before is None:
         return "folder contents differ (DVC cache has no listing to name the file)"
     now = {e["relpath"]: e["md5"] for e in dir_listing(root / path)}
@@ -232,9 +225,59 @@ def audit(target: str, root: str | Path = ".", tracking_uri: str | None = None) 
     }
 
 
+def audit_target(target: str, project: str | Path | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Audit any model path: inside the project (absolute or relative, from any folder in it), a copy
+    outside it (checked against the project's dvc.lock and cache), or a registered `models:/...`."""
+    root = Path(project) if project is not None else project_root()
+    if not (root / "dvc.lock").is_file():
+        raise LmpipeError(f"{root}: no dvc.lock here (pass --project PATH, the project the model came from)")
+    if copies.is_registered(target):
+        if not tracking_uri:
+            raise LmpipeError(f"{target}: a registered model needs the MLflow store (drop --no-mlflow)")
+        return _with_copy(copies.audit_registered(target, root, tracking_uri), root, tracking_uri)
+    inside = copies.resolve_inside(target, root)
+    if inside is not None:
+        return audit(inside, root, tracking_uri)
+    return _with_copy(copies.audit_copy(Path(target).expanduser().resolve(), root), root, tracking_uri)
+
+
+def _with_copy(copy: copies.CopyReport, root: Path, tracking_uri: str | None) -> dict[str, Any]:
+    """The copy's report, joined with the audit of the output it matches (when it matches a current one)."""
+    if copy.match is not None and copy.match.current:
+        report = audit(copy.match.out, root, tracking_uri)
+    else:
+        report = {
+            "target": copy.source,
+            "ok": True,
+            "problems": [],
+            "git": {"recorded": {}, "now": git_state(root)},
+            "packages": {},
+            "tracking_uri_used": bool(tracking_uri),
+            "stages": [],
+        }
+    report["target"] = copy.source
+    report["copy"] = copies.copy_summary(copy)
+    report["problems"] = copy.problems + report["problems"]
+    report["ok"] = not report["problems"]
+    return report
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable audit, one block per stage, raw data first."""
     lines = [f"audit of {report['target']}"]
+    copy = report.get("copy")
+    if copy is not None:
+        match = copy["match"]
+        found = (
+            "no output of this project"
+            if match is None
+            else (
+                f"{match['out']}{'/' + match['part'] if match['part'] else ''} {match['md5']} "
+                f"({'as dvc.lock records it now' if match['recorded_in_lock'] else 'an older version'})"
+            )
+        )
+        lines.append(f"a copy of {copy['files']} files: {found}")
+        lines.extend(f"  {note}" for note in copy["notes"])
     rec, now = report["git"]["recorded"], report["git"]["now"]
     if rec:
         lines.append(f"git at export: {rec.get('rev')} (dirty: {rec.get('dirty')})")

@@ -1,1 +1,1 @@
-"""The `lmpipe` command: params-check, audit, predict."""
+"""The `lmpipe` command: params check, audit, predict, compare."""

@@ -1,4 +1,4 @@
-"""`lmpipe`: the user's command line (params check, audit, predict).
+"""`lmpipe`: the user's command line (params check, audit, predict, compare).
 
 Heavy packages are imported inside the commands, so `lmpipe --help` answers at once.
 """
@@ -11,7 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lmpipe.audit.audit import audit, format_report
+from lmpipe.audit.audit import audit_target, format_report
+from lmpipe.cli.compare import add_compare_parser
 from lmpipe.cli.predict import add_predict_parser
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import load_yaml
@@ -35,8 +36,8 @@ def _params_check(args: argparse.Namespace) -> int:
 
 def _audit(args: argparse.Namespace) -> int:
 
-    uri = None if args.no_mlflow else (args.tracking_uri or default_tracking_uri(args.root))
-    report = audit(args.path, root=args.root, tracking_uri=uri)
+    uri = None if args.no_mlflow else (args.tracking_uri or default_tracking_uri(args.project))
+    report = audit_target(args.path, project=args.project, tracking_uri=uri)
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 
@@ -58,14 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
         "output hashes (recomputed from disk), git revision, package versions, MLflow runs. "
         "Exit 1 naming the file when anything no longer matches, or a stage is stale.",
     )
-    audit.add_argument("path", nargs="?", default="models/export", help="an output (default: models/export)")
+    audit.add_argument(
+        "path",
+        nargs="?",
+        default="models/export",
+        help="an output of the project (any path form), a copied model folder, or models:/NAME/VERSION "
+        "(default: models/export)",
+    )
     audit.add_argument("--json", action="store_true", help="machine-readable report")
-    audit.add_argument("--root", default=".", help="project root holding dvc.lock (default: .)")
+    audit.add_argument(
+        "--project", "--root", dest="project", help="the project the model came from (default: the one around cwd)"
+    )
     audit.add_argument("--tracking-uri", help="MLflow store to look runs up in (default: the project's)")
     audit.add_argument("--no-mlflow", action="store_true", help="skip the MLflow run look-up")
     audit.set_defaults(func=_audit)
 
     add_predict_parser(commands)
+    add_compare_parser(commands)
     return parser
 
 

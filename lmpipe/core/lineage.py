@@ -34,6 +34,7 @@ TAG_GIT_DIRTY = "git.dirty"  # uncommitted code changes when the stage ran (DVC'
 TAG_BACKBONE = "lmpipe.backbone"  # finetune: the key of finetune.backbones
 TAG_COLLAPSED = "lmpipe.collapsed"  # pretrain: the encoder's pooled outputs collapsed
 TAG_EXPORT_MODEL = "lmpipe.export.model"  # export: the fine-tuned model it exported
+TAG_HEADLINE_MODEL = "lmpipe.headline.model"  # evaluate: the model its headline numbers describe
 TAG_REGISTERED_MODEL = "lmpipe.registered_model"
 TAG_REGISTERED_VERSION = "lmpipe.registered_version"
 TAG_MODEL_URI = "lmpipe.model_uri"
@@ -92,11 +93,11 @@ def git_state(root: str | os.PathLike) -> dict[str, Any]:
         return done.stdout.strip()
 
     rev = git("rev-parse", "HEAD")
-    # DVC itself rewrites dvc.lock and the .gitignore files of outputs during `dvc repro`:
-    # those edits say nothing about the code that ran.
-    status = git(
-        "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock", ":(exclude,glob)**/.gitignore"
-    )
+    # `dvc repro` itself rewrites dvc.lock, the .gitignore files of outputs and the outputs kept
+    # in git (reports, perf files): those edits say nothing about the code that ran.
+    outputs = sorted({o["path"] for e in read_lock(root).values() for o in e.get("outs", [])})
+    excluded = [":(exclude)dvc.lock", ":(exclude,glob)**/.gitignore", *(f":(exclude){p}" for p in outputs)]
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
     return {"rev": rev or None, "dirty": None if status is None else bool(status)}
 
 

@@ -61,11 +61,20 @@ class PinnedPackage(Schema):
 
 class FileSource(Schema):
     path: str = "userdata/dataset.csv"
-    """Your own CSV or Parquet file (relative to the project; `dvc add` it under userdata/)."""
+    """Your own file (relative to the project; `dvc add` it under userdata/); its suffix names the
+    format: .csv or .csv.bz2 (delimited, see `delimiter`), .tsv (tab), .jsonl (JSON Lines: one
+    object per line), .parquet or .pq."""
     text_column: str = "text"
-    """Column holding the text."""
+    """Column holding the text (for .jsonl: the key). `fetch` stops, listing the columns it found,
+    if the file has none by this name."""
     label_column: str = "label"
-    """Column holding the class label (any strings or integers)."""
+    """Column holding the class label (any strings or integers; for .jsonl: the key)."""
+    delimiter: Literal["auto", ",", ";", "\t"] = "auto"
+    """Field separator of a .csv / .csv.bz2 / .tsv file (in params.yaml write tab as "\\t"):
+    `auto` takes tab for .tsv and, for .csv, whichever of comma, semicolon (a common spreadsheet
+    export) and tab splits the header line into your text and label columns (else the one giving
+    most columns). The choice is recorded in data/raw/manifest.json, which preprocess reads.
+    Ignored for Parquet and JSON Lines."""
 
 
 class FetchParams(Schema):
@@ -88,9 +97,16 @@ class FetchParams(Schema):
 # --------------------------------------------------------------------------- preprocess
 class PreprocessParams(Schema):
     min_chars: int = Field(20, ge=1)
-    """Texts shorter than this after cleaning are dropped (counted as `too_short`)."""
+    """Texts shorter than this after cleaning are dropped (counted as `too_short`); counted in
+    `length_unit`s: characters unless `length_unit: words`."""
     max_chars: int | None = Field(None, ge=1)
-    """Texts longer than this after cleaning are dropped; null keeps all."""
+    """Texts longer than this after cleaning are dropped (in `length_unit`s); null keeps all."""
+    length_unit: Literal["chars", "words"] = "chars"
+    """What min_chars / max_chars count. `chars`: characters (fits English: 20 is about 4 words).
+    `words`: words, each Chinese or Japanese character (Han, kana) counting as one: those scripts
+    put no spaces between words and a character carries about a word's meaning, so a 20-character
+    Chinese review is a full sentence that `min_chars: 20` in chars would drop; with `words` use
+    e.g. min_chars: 4. Words elsewhere are space-separated runs holding a letter or digit."""
     labels: list[str] | None = None
     """The declared label set, in id order; null = the source's own set (sorted for `file`).
     A row whose label is outside it is an error naming the row."""

@@ -421,6 +421,35 @@ def headline(evaluation: Evaluation) -> dict[str, Any]:
     return out
 
 
+def headline_numbers(evaluation: Evaluation, selected: str) -> dict[str, Any]:
+    """headline.json, the few numbers `dvc metrics show` and `dvc exp show` print.
+
+    `model`: the transformer export ships (chosen on validation, `lmpipe.task.selection`);
+    `acc` [`acc_lo`, `acc_hi`] its test accuracy and CI, `f1` its macro-F1; `tfidf_acc` the
+    baseline's accuracy; `gain` the test-accuracy gain of the first pretrained model that has a
+    random-init twin over that twin (scratch - random in the default DAG). Every figure of every
+    model, with its CI, stays in metrics.json.
+    """
+    by_name = {r.name: r for r in evaluation.models}
+    if selected not in by_name:
+        raise LmpipeError(f"models/finetuned/{selected}: the selected model was not evaluated")
+    chosen = by_name[selected]
+    low, high = chosen.ci["accuracy"]
+    out: dict[str, Any] = {
+        "model": selected,
+        "acc": _num(chosen.metrics["accuracy"]),
+        "acc_lo": _num(low),
+        "acc_hi": _num(high),
+        "f1": _num(chosen.metrics["f1"]),
+    }
+    if BASELINE in by_name:
+        out["tfidf_acc"] = _num(by_name[BASELINE].metrics["accuracy"])
+    treated = next((r for r in evaluation.models if r.control is not None), None)
+    if treated is not None:
+        out["gain"] = _num(treated.control["accuracy_diff"])
+    return out
+
+
 def flat_metrics(head: dict[str, Any]) -> dict[str, float]:
     """`minilm.accuracy`-style keys for MLflow (undefined values left out)."""
     out = {}

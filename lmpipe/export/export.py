@@ -55,25 +55,6 @@ class ExportResult:
 
 
 # --------------------------------------------------------------------------- selection
-def select_model(
-    choice: str, metric: str, backbones: Sequence[str], reports_dir: str | Path
-) -> tuple[str, dict[str, float]]:
-    """(chosen backbone, {candidate: validation metric}) per export.model / selection_metric."""
-    candidates = sorted(backbones) if choice == "best" else [choice]
-    scores: dict[str, float] = {}
-    for name in candidates:
-        path = Path(reports_dir) / name / "metrics.json"
-        if not path.is_file():
-            raise LmpipeError(f"{path}: file not found (run `dvc repro finetune@{name}` first)")
-        value = read_json(path).get(metric)
-        if not isinstance(value, (int, float)) or not np.isfinite(value):
-            raise LmpipeError(f"{path}: {metric!r} is missing or not a finite number (got {value!r})")
-        scores[name] = float(value)
-    sign = 1.0 if metric == "val_loss" else -1.0  # lower loss is better; higher accuracy/F1 is
-    best = min(candidates, key=lambda n: (sign * scores[n], n))
-    return best, scores
-
-
 def export_inputs(
     name: str, candidates: Sequence[str], processed: str, finetuned: str, reports: str, evaluate_metrics: str
 ) -> list[str]:

@@ -8,6 +8,11 @@ one member the pipeline needs (a file, or a folder prefix) is copied out of the 
 
 `fetch_source` writes what the `fetch` stage puts in `data/raw/`: the source's file or folder as
 the source has it, plus `manifest.json`, which tells `lmpipe.preprocess.cleaning` how to read it.
+
+A user's file (.csv, .csv.bz2, .tsv, .jsonl, .parquet) is inspected before anything is copied:
+its delimiter resolved (`fetch.file.delimiter`, sniffed from the header line when `auto`) and its
+text and label columns checked, so a wrong column name or delimiter stops `fetch` with the
+columns it found, not `preprocess` with a parser error.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import bz2
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -67,7 +73,16 @@ SOURCES: dict[str, SourceSpec] = {
     "bbc_news": SourceSpec("text_folders", None, None, None),
 }
 
-FILE_FORMATS = {".csv": "csv", ".bz2": "csv.bz2", ".parquet": "parquet", ".pq": "parquet"}
+FILE_FORMATS = {
+    ".csv": "csv",
+    ".bz2": "csv.bz2",
+    ".tsv": "tsv",
+    ".jsonl": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+DELIMITED = ("csv", "csv.bz2", "tsv")  # read with a delimiter, recorded in the manifest
+DELIMITERS = (",", ";", "\t")  # what `auto` chooses among, in this order on a tie
 
 
 # --------------------------------------------------------------------------- wheels
@@ -210,11 +225,11 @@ def _file_columns(path: Path, fmt: str) -> list[str]:
 
 
 def file_format(path: str) -> str:
-    """The format of a user file, from its name (.csv, .csv.bz2, .parquet / .pq)."""
+    """The format of a user file, from its name (.csv, .csv.bz2, .tsv, .jsonl, .parquet / .pq)."""
     suffix = Path(path).suffix.lower()
     fmt = FILE_FORMATS.get(suffix)
     if fmt is None or (fmt == "csv.bz2" and not path.lower().endswith(".csv.bz2")):
-        raise LmpipeError(f"fetch.file.path: {path} must end in .csv, .csv.bz2, .parquet or .pq")
+        raise LmpipeError(f"fetch.file.path: {path} must end in .csv, .csv.bz2, .tsv, .jsonl, .parquet or .pq")
     return fmt
 
 
@@ -226,25 +241,122 @@ def _user_file(path: str) -> tuple[Path, str]:
     return Path(path), fmt
 
 
+def header_line(path: Path, fmt: str) -> str:
+    """The first line of a delimited file, BOM and line end removed."""
+    opener = bz2.open if fmt == "csv.bz2" else open
+    try:
+        with opener(path, "rb") as handle:
+            first = handle.readline(1 << 20)  # a header longer than 1 MiB is not a header
+    except (OSError, EOFError, ValueError) as exc:
+        raise LmpipeError(f"{path}: cannot be read ({exc})") from None
+    return first.decode("utf-8-sig", errors="replace").rstrip("\r\n")
+
+
+def split_header(line: str, delimiter: str) -> list[str]:
+    """The column names of a header line split on `delimiter` (CSV quoting honoured)."""
+    return next(csv.reader([line], delimiter=delimiter), []) if line.strip() else []
+
+
+def sniff_delimiter(line: str, wanted: tuple[str, ...]) -> str:
+    """The first of `DELIMITERS` that splits the header into all the `wanted` columns, else the
+    one that gives the most columns (comma on a tie)."""
+    parsed = {d: split_header(line, d) for d in DELIMITERS}
+    for delimiter, columns in parsed.items():
+        if all(name in columns for name in wanted):
+            return delimiter
+    return max(DELIMITERS, key=lambda d: len(parsed[d]))
+
+
+def delimiter_hint(columns: list[str], delimiter: str) -> str:
+    """For a header that parsed to one column holding another delimiter: which one it looks like."""
+    if len(columns) != 1:
+        return ""
+    for other in DELIMITERS:
+        if other != delimiter and other in columns[0]:
+            fix = f"set fetch.file.delimiter: {json.dumps(other)}"
+            return f"; that column holds {other!r}: the delimiter looks like {other!r} ({fix})"
+    return ""
+
+
+def jsonl_keys(path: Path) -> list[str]:
+    """The keys of the first record of a JSON Lines file (blank lines skipped)."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            line = raw.decode("utf-8-sig", errors="replace").strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LmpipeError(f"{path} line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(record, dict):
+                kind = type(record).__name__
+                raise LmpipeError(f"{path} line {number}: expected one JSON object per line, got a {kind}")
+            return list(record)
+    raise LmpipeError(f"{path}: file is empty")
+
+
+@dataclass(frozen=True)
+class UserFile:
+    """A user's file as `fetch` found it: format, resolved delimiter (None if not delimited), columns."""
+
+    path: Path
+    format: str
+    delimiter: str | None
+    columns: list[str]
+
+
+def inspect_file(file: Any) -> UserFile:
+    """Resolve the format and delimiter of `fetch.file` and check its text and label columns
+    exist; a missing one is an error listing the columns found (reading no more than the header
+    line, the Parquet schema or the first JSON record)."""
+    path, fmt = _user_file(file.path)
+    delimiter, where = None, "the first record has keys" if fmt == "jsonl" else "the file has columns"
+    if fmt in DELIMITED:
+        line = header_line(path, fmt)
+        if not line.strip():
+            raise LmpipeError(f"{path}: the first line is empty; it must be the header row")
+        if file.delimiter != "auto":
+            delimiter = file.delimiter
+        elif fmt == "tsv":
+            delimiter = "\t"
+        else:
+            delimiter = sniff_delimiter(line, (file.text_column, file.label_column))
+        columns = split_header(line, delimiter)
+        where = f"the header split on {delimiter!r} gives columns"
+    elif fmt == "jsonl":
+        columns = jsonl_keys(path)
+    else:
+        columns = _file_columns(path, fmt)
+    wanted = (("text", file.text_column), ("label", file.label_column))
+    missing = [f"no {role} column {name!r} (fetch.file.{role}_column)" for role, name in wanted if name not in columns]
+    if missing:
+        hint = delimiter_hint(columns, delimiter) if delimiter else ""
+        raise LmpipeError(f"{path}: {' and '.join(missing)}; {where} {columns}{hint}")
+    return UserFile(path, fmt, delimiter, columns)
+
+
 def check_source(fetch: Any) -> None:
     """Fail fast, before any work, on a source that cannot be fetched."""
     if fetch.source == "file":
-        _user_file(fetch.file.path)
+        inspect_file(fetch.file)
 
 
 def fetch_file(file: Any, raw_dir: Path) -> dict[str, Any]:
-    """Copy the user's CSV/Parquet byte for byte into raw_dir; the manifest records its columns."""
-    src, fmt = _user_file(file.path)
-    shutil.copyfile(src, raw_dir / src.name)
+    """Check the user's file, then copy it byte for byte into raw_dir; the manifest records its
+    format, delimiter and columns."""
+    found = inspect_file(file)
+    shutil.copyfile(found.path, raw_dir / found.path.name)
     return {
         "source": "file",
-        "format": fmt,
-        "file": src.name,
+        "format": found.format,
+        "file": found.path.name,
         "text_column": file.text_column,
         "label_column": file.label_column,
         "labels": None,
         "exclude": {},
-        "columns": _file_columns(raw_dir / src.name, fmt),
+        "columns": found.columns,
+        "delimiter": found.delimiter,
         "package": None,
     }
 

@@ -434,6 +434,7 @@ def run_finetune(
     processed_dir: str | Path,
     checkpoint_dir: str | Path,
     curves_dir: str | Path,
+    perf_curve: str | Path | None = None,
     device: Any,
     tracker: Any = None,
 ) -> Finetuned:
@@ -479,6 +480,7 @@ def run_finetune(
         ),
         peak_flops=peak_flops(params.base.peak_flops, device, resolve_precision(cfg.precision, device))[0],
         curves_dir=curves_dir,
+        perf_curve=perf_curve,
         desc=f"finetune@{backbone}",
     )
     plain = plain_model(model).to("cpu")

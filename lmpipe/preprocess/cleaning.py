@@ -6,8 +6,13 @@ validates it; `clean_text` normalises a text; `prepare` filters, deduplicates, s
 and `corpus.txt` (the train split, one document per line); `preprocess` does all of it.
 
 Bad input stops with one line naming the file and the row. Rows are counted as a spreadsheet
-shows a CSV: the header is row 1, the first record row 2 (a record spanning several lines is
-one row); a Parquet file's first record is row 1; byte-level problems name the line and byte.
+shows a CSV or TSV: the header is row 1, the first record row 2 (a record spanning several lines
+is one row); a Parquet file's first record is row 1; a JSON Lines record is named by its line;
+byte-level problems name the line and byte. A delimited file is split on the delimiter `fetch`
+recorded in the manifest (comma when it records none, as for the packaged CSVs).
+
+Length limits count characters, or words with `length_unit: words`, where each Han or kana
+character is a word (Chinese and Japanese put no spaces between words).
 
 The packaged corpora are pinned by sha256, so their bytes are known: a BBC article saved in
 cp1252 (one in 2,225) is decoded with that fallback and counted in `decode_fallbacks`. A user's
@@ -19,6 +24,7 @@ from __future__ import annotations
 import bz2
 import html
 import io
+import json
 import logging
 import re
 import unicodedata
@@ -37,7 +43,9 @@ log = logging.getLogger("lmpipe.preprocess.cleaning")
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
-FORMATS = ("csv", "csv.bz2", "parquet", "text_folders")
+FORMATS = ("csv", "csv.bz2", "tsv", "jsonl", "parquet", "text_folders")
+DEFAULT_DELIMITERS = {"csv": ",", "csv.bz2": ",", "tsv": "\t"}  # when the manifest records none
+DELIMITERS = (",", ";", "\t")
 FALLBACK_ENCODINGS = ("cp1252", "latin-1")  # latin-1 decodes any byte: the last resort
 DROP_REASONS = ("excluded", "empty", "too_short", "too_long", "conflicting_duplicates", "duplicates")
 MANIFEST_KEYS = ("source", "format", "file", "text_column", "label_column", "labels", "exclude", "package")
@@ -67,6 +75,8 @@ def read_manifest(raw_dir: str | Path) -> dict[str, Any]:
             raise LmpipeError(f"{path}: missing key {key!r}")
     if manifest["format"] not in FORMATS:
         raise LmpipeError(f"{path}: format must be one of {list(FORMATS)} (got {manifest['format']!r})")
+    if manifest.get("delimiter") not in (None, *DELIMITERS):
+        raise LmpipeError(f"{path}: delimiter must be one of {list(DELIMITERS)} (got {manifest['delimiter']!r})")
     return manifest
 
 
@@ -114,9 +124,10 @@ def scan_utf8(stream: BinaryIO) -> tuple[bool, tuple[int, int, int] | None]:
 
 _PANDAS_LINE = re.compile(r"(?:in line|line) (\d+)")
 _PANDAS_ROW = re.compile(r"starting at row (\d+)")
+_PANDAS_FIELDS = re.compile(r"Expected \d+ fields")
 
 
-def _parser_error(name: str, exc: Exception) -> LmpipeError:
+def _parser_error(name: str, exc: Exception, delimiter: str = ",") -> LmpipeError:
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     message = message.replace("Error tokenizing data. C error: ", "")
     where = name
@@ -124,10 +135,12 @@ def _parser_error(name: str, exc: Exception) -> LmpipeError:
         where = f"{name} row {m.group(1)}"
     elif m := _PANDAS_ROW.search(message):  # ... here from the header = 0
         where = f"{name} row {int(m.group(1)) + 1}"
+    if _PANDAS_FIELDS.search(message):  # a field count off: the delimiter inside a text, unquoted
+        message += f" (delimiter {delimiter!r}; a field that contains it must be in double quotes)"
     return LmpipeError(f"{where}: malformed CSV: {message}")
 
 
-def _read_csv(path: Path, name: str, compressed: bool, trusted: bool) -> tuple[pd.DataFrame, int]:
+def _read_csv(path: Path, name: str, compressed: bool, trusted: bool, delimiter: str = ",") -> tuple[pd.DataFrame, int]:
     opener = bz2.open if compressed else open
     try:
         with opener(path, "rb") as stream:
@@ -145,6 +158,7 @@ def _read_csv(path: Path, name: str, compressed: bool, trusted: bool) -> tuple[p
     try:
         frame = pd.read_csv(
             source,
+            sep=delimiter,
             dtype=object,
             encoding="utf-8-sig",
             keep_default_na=False,
@@ -154,7 +168,7 @@ def _read_csv(path: Path, name: str, compressed: bool, trusted: bool) -> tuple[p
     except pd.errors.EmptyDataError:
         raise LmpipeError(f"{name}: file is empty") from None
     except (pd.errors.ParserError, ValueError) as exc:
-        raise _parser_error(name, exc) from None
+        raise _parser_error(name, exc, delimiter) from None
     if frame.empty:
         raise LmpipeError(f"{name}: file has a header but no rows")
     return frame, int(bad is not None)
@@ -177,6 +191,42 @@ def _read_parquet(path: Path, name: str) -> pd.DataFrame:
     if frame.empty:
         raise LmpipeError(f"{name}: file has no rows")
     return frame
+
+
+def _read_jsonl(path: Path, name: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """One row per non-blank line, each a JSON object; also each row's line number."""
+    text = decode(path.read_bytes(), name, trusted=False)[0]  # a user's file: UTF-8 or an error
+    records, lines = [], []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a text
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LmpipeError(f"{name} line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+        if not isinstance(record, dict):
+            kind = type(record).__name__
+            raise LmpipeError(f"{name} line {number}: expected one JSON object per line, got a {kind}")
+        records.append(record)
+        lines.append(number)
+    if not records:
+        raise LmpipeError(f"{name}: file is empty")
+    return pd.DataFrame(records), np.array(lines)
+
+
+def _read_table(path: Path, name: str, manifest: dict[str, Any]) -> tuple[pd.DataFrame, int, Callable[[int], str]]:
+    """A file source's table, its decode fallbacks, and record position -> "NAME row N"."""
+    fmt = manifest["format"]
+    if fmt == "parquet":
+        return _read_parquet(path, name), 0, lambda i: f"{name} row {i + 1}"
+    if fmt == "jsonl":
+        frame, lines = _read_jsonl(path, name)
+        return frame, 0, lambda i: f"{name} line {lines[i]}"
+    delimiter = manifest.get("delimiter") or DEFAULT_DELIMITERS[fmt]
+    trusted = manifest["package"] is not None
+    frame, fallbacks = _read_csv(path, name, fmt == "csv.bz2", trusted, delimiter)
+    return frame, fallbacks, lambda i: f"{name} row {i + 2}"  # the header is row 1
 
 
 def _read_text_folders(folder: Path, name: str, trusted: bool) -> tuple[pd.DataFrame, list[str], int]:
@@ -221,10 +271,7 @@ def load_raw(raw_dir: str | Path, manifest: dict[str, Any] | None = None) -> Raw
         raw.labels = manifest["labels"]
         return raw
 
-    if fmt == "parquet":
-        frame, fallbacks, first_row = _read_parquet(path, name), 0, 1
-    else:
-        (frame, fallbacks), first_row = _read_csv(path, name, fmt == "csv.bz2", trusted), 2
+    frame, fallbacks, row = _read_table(path, name, manifest)
     text_col, label_col = manifest["text_column"], manifest["label_column"]
     _require_column(frame, text_col, "text", name, manifest["source"])
     _require_column(frame, label_col, "label", name, manifest["source"])
@@ -243,7 +290,7 @@ def load_raw(raw_dir: str | Path, manifest: dict[str, Any] | None = None) -> Raw
     )  # object, not pandas' arrow strings: no second copy of every text
 
     def where(i: int) -> str:
-        return f"{name} row {int(positions[i]) + first_row}"
+        return row(int(positions[i]))
 
     return Raw(out, where, rows_in, int(rows_in - len(positions)), fallbacks, manifest["labels"])
 
@@ -290,6 +337,48 @@ def clean_text(text: str) -> str:
     return " ".join(text.split())  # 3x faster than re.sub(r"\s+"); same Unicode whitespace
 
 
+# --------------------------------------------------------------------------- length
+# Characters of the scripts that put no spaces between words: kana (hiragana, katakana and the
+# ー length mark; not the ・ separator) and Han (CJK unified ideographs, extension A, extensions
+# B-H in the supplementary plane, compatibility ideographs). Hangul is not here: Korean spaces
+# its words. Thai, Lao, Khmer and Burmese write no spaces either, but a character there is a
+# letter, not a word, so they are counted as one word per space-separated run.
+_CJK = re.compile(
+    "[\u3041-\u3096\u309d-\u309f\u30a1-\u30fa\u30fc-\u30ff\u31f0-\u31ff"
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]"
+)
+_ALNUM = re.compile(r"[^\W_]")  # a letter or a digit: "--" and "!!" are no words
+
+
+def count_words(text: str) -> int:
+    """Words in a cleaned text: each Han or kana character, plus each space-separated run of the
+    rest holding a letter or digit ("很好看!" is 3, "Great film!" 2, "It's 10/10 :)" 3)."""
+    cjk = len(_CJK.findall(text))
+    rest = _CJK.sub(" ", text) if cjk else text
+    return cjk + sum(1 for token in rest.split() if _ALNUM.search(token))
+
+
+def text_lengths(texts: pd.Series, unit: str) -> pd.Series:
+    """The length of every text in `unit` (`chars` or `words`, see `preprocess.length_unit`)."""
+    if unit == "chars":
+        return texts.str.len()
+    if unit == "words":
+        return pd.Series([count_words(t) for t in texts], index=texts.index, dtype=np.int64)
+    raise ValueError(f"length unit must be 'chars' or 'words' (got {unit!r})")
+
+
+def _warn_if_short_texts_are_cjk(short: pd.Series) -> None:
+    """In `chars`, short Chinese / Japanese texts are full sentences: say which param keeps them."""
+    cjk = int(short.str.contains(_CJK).sum())
+    if cjk and cjk * 2 >= len(short):
+        log.warning(
+            "%d of the %d texts dropped as too_short contain Chinese/Japanese characters; set "
+            "preprocess.length_unit: words (and min_chars to a word count, e.g. 4) to keep them",
+            cjk,
+            len(short),
+        )
+
+
 # --------------------------------------------------------------------------- splitting
 @dataclass
 class Prepared:
@@ -298,17 +387,24 @@ class Prepared:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def filter_rows(frame: pd.DataFrame, min_chars: int, max_chars: int | None) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Drop empty / too short / too long texts, then duplicates (same text, same label: keep the
-    first) and conflicts (same text under different labels: drop every copy)."""
+def filter_rows(
+    frame: pd.DataFrame, min_chars: int, max_chars: int | None, unit: str = "chars"
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Drop empty / too short / too long texts (lengths in `unit`), then duplicates (same text,
+    same label: keep the first) and conflicts (same text under different labels: drop every copy)."""
     dropped = dict.fromkeys(DROP_REASONS[1:], 0)
-    length = frame["text"].str.len()
-    dropped["empty"] = int((length == 0).sum())
-    dropped["too_short"] = int(((length > 0) & (length < min_chars)).sum())
-    keep = length >= min_chars
+    empty = (frame["text"].str.len() == 0).to_numpy()
+    length = text_lengths(frame["text"], unit)
+    short = ~empty & (length < min_chars).to_numpy()
+    dropped["empty"] = int(empty.sum())
+    dropped["too_short"] = int(short.sum())
+    if unit == "chars" and short.any():
+        _warn_if_short_texts_are_cjk(frame["text"][short])
+    keep = ~empty & ~short
     if max_chars is not None:
-        dropped["too_long"] = int((length > max_chars).sum())
-        keep &= length <= max_chars
+        long = (length > max_chars).to_numpy()
+        dropped["too_long"] = int(long.sum())
+        keep &= ~long
     frame = frame[keep]
     repeated = frame["text"].duplicated(keep=False).to_numpy()  # cheap: group only the repeats
     copies = frame[repeated]
@@ -380,12 +476,13 @@ def prepare(raw: Raw, params: Any, seed: int) -> Prepared:
     check_labels(raw, labels)
     cleaned = [clean_text(t) for t in raw.frame["text"]]
     frame = pd.DataFrame({"text": cleaned, "label": raw.frame["label"].to_numpy()}, dtype=object)
-    frame, dropped = filter_rows(frame, params.min_chars, params.max_chars)
+    frame, dropped = filter_rows(frame, params.min_chars, params.max_chars, params.length_unit)
     dropped = {"excluded": raw.excluded, **dropped}
     if frame.empty:
         raise LmpipeError(
             f"no rows left after cleaning and filtering ({raw.rows_in} read, dropped {dropped}); "
-            f"lower preprocess.min_chars or raise preprocess.max_chars"
+            f"lower preprocess.min_chars or raise preprocess.max_chars (for Chinese or Japanese text, "
+            f"preprocess.length_unit: words counts a character as a word)"
         )
     ids = frame["label"].map({lab: i for i, lab in enumerate(labels)}).to_numpy(dtype=np.int64)
     parts = stratified_split(ids, len(labels), params.val_fraction, params.test_fraction, seed)

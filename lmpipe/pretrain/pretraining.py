@@ -61,6 +61,7 @@ def run_pretrain(
     device: Any,
     checkpoint_dir: str | Path | None = None,
     curves_dir: str | Path | None = None,
+    perf_curve: str | Path | None = None,
     tracker: Any = None,
 ) -> Pretrained:
     """Pretrain the encoder of `params.pretrain` on `tokens_dir`; see the module docstring."""
@@ -98,6 +99,7 @@ def run_pretrain(
         flops_per_token=flops_per_token,
         peak_flops=peak,
         curves_dir=curves_dir,
+        perf_curve=perf_curve,
         desc="pretrain",
     )
     if not info.is_main:
@@ -119,3 +121,9 @@ def run_pretrain(
         **{f"params_{k}": v for k, v in models.parameter_counts(mlm).items()},
     }
     return Pretrained(mlm, metrics, True)
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """headline.json, what `dvc metrics show` prints for pretraining: held-out perplexity and its
+    ratio to the unigram reference on the same masked targets (below 1: the encoder uses context)."""
+    return {"ppl": metrics["val_perplexity"], "ppl_ratio": metrics["perplexity_vs_unigram"]}

@@ -76,7 +76,8 @@ log = logging.getLogger("lmpipe.train.training")
 CHECKPOINT_FILE = "checkpoint.pt"
 FINISHED_FILE = "finished.json"
 CHECKPOINT_FORMAT = 2  # 2: the loop state stored whole (LoopState); format 1 checkpoints are not resumed
-TRAIN_COLUMNS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu")
+TRAIN_COLUMNS = ("step", "loss", "lr", "grad_norm")  # train_curve.csv: the same bytes on every rerun
+PERF_COLUMNS = ("step", "tokens_per_s", "mfu")  # perf_curve.csv: what the machine decides
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, int | torch.Tensor]"]
@@ -174,7 +175,7 @@ class TrainResult:
     train_seconds: float
     """Wall time of the training steps (evaluation and checkpoints excluded; resumes included)."""
     history: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-    """{"train": rows of TRAIN_COLUMNS, "eval": rows of step + evaluate() keys}, resumed rows included."""
+    """{"train": rows of TRAIN_COLUMNS + PERF_COLUMNS, "eval": rows of step + evaluate() keys}; resumes included."""
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -675,7 +676,9 @@ class _Run:
         with atomic_file(self.checkpoint_dir / CHECKPOINT_FILE) as tmp:
             torch.save(payload, tmp)
 
-    def result(self, state: LoopState, resumed_from: int, curves_dir: str | Path | None) -> TrainResult:
+    def result(
+        self, state: LoopState, resumed_from: int, curves_dir: str | Path | None, perf_curve: str | Path | None
+    ) -> TrainResult:
         """Load the weights to return, write the curves (rank 0), and sum the run up."""
         if self.config.early_stopping_metric is None or state.best_state is None:
             state.best_state, state.best_step = cpu_state(self.model), state.step
@@ -685,6 +688,8 @@ class _Run:
             write_curve(Path(curves_dir) / "train_curve.csv", state.train_rows, TRAIN_COLUMNS)
             eval_cols = ["step", *sorted({k for r in state.eval_rows for k in r if k != "step"})]
             write_curve(Path(curves_dir) / "eval_curve.csv", state.eval_rows, eval_cols)
+        if perf_curve is not None and self.info.is_main:
+            write_curve(Path(perf_curve), state.train_rows, PERF_COLUMNS)
         if self.tracker is not None and hasattr(self.tracker, "flush"):
             self.tracker.flush()
         tps_all = state.tokens_run / state.train_seconds if state.train_seconds > 0 else float("nan")
@@ -718,6 +723,7 @@ def train(
     flops_per_token: float | None = None,
     peak_flops: float | None = None,
     curves_dir: str | Path | None = None,
+    perf_curve: str | Path | None = None,
     desc: str = "train",
 ) -> TrainResult:
     """Train `model` in place; see the module docstring for the contract of each callable.
@@ -731,6 +737,8 @@ def train(
         peak FLOP/s; MFU is None unless both are given.
     curves_dir: rank 0 writes `train_curve.csv` (TRAIN_COLUMNS) and `eval_curve.csv`
         (step + sorted evaluate() keys) there at the end.
+    perf_curve: rank 0 writes PERF_COLUMNS (tokens/s, MFU) to this CSV, apart from the curves
+        above so that they repeat byte for byte on a rerun.
     """
     run = _Run.start(
         model,
@@ -777,4 +785,4 @@ def train(
         term.restore()
         bar.close()
     # ---- the weights to return, curves, totals
-    return run.result(state, resumed_from, curves_dir)
+    return run.result(state, resumed_from, curves_dir, perf_curve)

@@ -72,8 +72,12 @@ def env() -> dict[str, str]:
     return out
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        cmd, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True, timeout=timeout
+    )
     if check and done.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {done.returncode}\n--- stdout\n{done.stdout[-4000:]}"

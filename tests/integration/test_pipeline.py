@@ -84,12 +84,19 @@ def test_every_stage_logged_one_finished_run_with_hash_tags(pipeline):
     assert "pretrain.optim.lr" in evaluate.data.params
 
 
-def test_dvc_metrics_show_lists_the_headline_metrics(pipeline):
-    shown = json.loads(dvc("metrics", "show", "--json", cwd=pipeline["path"]).stdout)
-    text = json.dumps(shown)
-    assert "reports/evaluate/metrics.json" in text
-    for key in ("accuracy", "f1", "roc_auc", "ece", "val_perplexity", "perplexity_vs_unigram", "pooled_spread"):
-        assert key in text, key
+def test_dvc_metrics_show_is_a_compact_headline_that_fits_a_terminal(pipeline):
+    path = pipeline["path"]
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=path).stdout)
+    files = shown[""]["data"] if "" in shown else next(iter(shown.values()))["data"]
+    assert set(files) == {"reports/pretrain/headline.json", "reports/evaluate/headline.json"}
+    evaluate = files["reports/evaluate/headline.json"]["data"]
+    assert set(evaluate) == {"model", "acc", "acc_lo", "acc_hi", "f1", "tfidf_acc", "gain"}
+    assert evaluate["acc_lo"] <= evaluate["acc"] <= evaluate["acc_hi"]
+    assert set(files["reports/pretrain/headline.json"]["data"]) == {"ppl", "ppl_ratio"}
+    table = dvc("metrics", "show", cwd=path).stdout
+    assert max(len(line) for line in table.splitlines()) <= 120, table
+    details = json.loads((path / "reports/evaluate/metrics.json").read_text())
+    assert details[evaluate["model"]]["accuracy"] == evaluate["acc"]  # the detail stays in the report
 
 
 def test_evaluate_compares_the_pretrained_encoder_with_its_random_init_control(pipeline):
@@ -115,11 +122,12 @@ def test_forced_rerun_of_data_stages_gives_identical_bytes(pipeline):
         dvc("repro", "-f", "-s", stage, cwd=path)
     after = read_lock(path)
 
-    def data(outs):
-        return [o for o in outs if not o["path"].startswith("reports/")]  # reports hold timings
+    def results(outs):
+        return [o for o in outs if not o["path"].startswith("reports/perf/")]  # timings live there only
 
     for stage in ("preprocess", "tokenize"):
-        assert data(after[stage]["outs"]) == data(before[stage]["outs"]), stage
+        assert results(after[stage]["outs"]) == results(before[stage]["outs"]), stage
+    assert dvc("status", "--json", cwd=path).stdout.strip() == "{}"  # nothing downstream to rerun
 
 
 def test_exp_run_reruns_only_what_depends_on_the_param_and_logs_to_the_same_store(pipeline):
@@ -135,6 +143,12 @@ def test_exp_run_reruns_only_what_depends_on_the_param_and_logs_to_the_same_stor
     assert tagged and tagged[0].info.status == "FINISHED"
     shown = dvc("exp", "show", "--json", cwd=path).stdout
     assert "smaller-val" in shown
+    table = run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--only-changed", "--no-pager"],
+        cwd=path,
+        extra_env={"COLUMNS": "120"},
+    ).stdout
+    assert "smaller-val" in table and "…" not in table, table
 
 
 def test_audit_passes_on_a_fresh_pipeline(pipeline):
@@ -174,6 +188,54 @@ def test_audit_reports_a_stage_made_stale_by_a_param_change(pipeline):
         assert "finetune@scratch: stale: param finetune.backbones.scratch" in done.stdout
     finally:
         params_file.write_text(original)
+
+
+def test_audit_takes_an_absolute_path_from_a_sub_folder(pipeline):
+    path = pipeline["path"]
+    done = run([sys.executable, "-m", "lmpipe.cli", "audit", str(path / "models/export"), "--json"], cwd=path / "data")
+    report = json.loads(done.stdout)
+    assert report["ok"] and report["target"] == "models/export", report["problems"]
+
+
+def test_audit_of_a_copy_outside_the_project_checks_its_bytes(pipeline, tmp_path):
+    path = pipeline["path"]
+    serving = tmp_path / "srv" / "model"
+    shutil.copytree(path / "models/export", serving)
+    done = run(
+        [sys.executable, "-m", "lmpipe.cli", "audit", str(serving), "--project", str(path), "--json"], cwd=tmp_path
+    )
+    report = json.loads(done.stdout)
+    assert report["ok"], report["problems"]
+    assert report["copy"]["match"] == {
+        "out": "models/export",
+        "part": "",
+        "md5": dvc_md5(path / "models/export"),
+        "recorded_in_lock": True,
+    }
+    assert [s["name"] for s in report["stages"]][-1] == "export"  # the output's own audit follows
+    weights = serving / "hf/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    done = run(
+        [sys.executable, "-m", "lmpipe.cli", "audit", str(serving), "--project", str(path)], cwd=tmp_path, check=False
+    )
+    assert done.returncode == 1
+    assert f"{weights}: differs from the md5 in its lineage.json" in done.stdout
+    assert "match no output version" in done.stdout
+
+
+def test_audit_of_the_registered_model_finds_the_export_it_came_from(pipeline):
+    path = pipeline["path"]
+    done = run([sys.executable, "-m", "lmpipe.cli", "audit", "models:/lmpipe-classifier/latest", "--json"], cwd=path)
+    report = json.loads(done.stdout)
+    assert report["ok"], report["problems"]
+    assert report["copy"]["match"]["out"] == "models/export" and report["copy"]["match"]["part"] == "hf"
+
+
+def test_compare_prints_one_row_per_pipeline_run(pipeline):
+    done = run([sys.executable, "-m", "lmpipe.cli", "compare"], cwd=pipeline["path"])
+    header, *rows = done.stdout.splitlines()
+    assert header.split()[:3] == ["group", "model", "acc"] and rows, done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) <= 120
 
 
 def test_push_clone_pull_restores_every_output_and_the_audit_passes(pipeline, tmp_path):

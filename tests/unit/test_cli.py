@@ -37,5 +37,11 @@ def test_params_check_names_the_bad_key(tmp_path, project_root, capsys):
 
 
 def test_audit_without_a_pipeline_is_a_clear_error(tmp_path, capsys):
-    assert main(["audit", "--root", str(tmp_path), "--no-mlflow"]) == 2
-    assert "dvc.lock: not found" in capsys.readouterr().err
+    assert main(["audit", "--project", str(tmp_path), "--no-mlflow"]) == 2
+    assert f"{tmp_path}: no dvc.lock here (pass --project PATH" in capsys.readouterr().err
+
+
+def test_audit_of_a_registered_model_needs_the_store(tmp_path, capsys):
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert main(["audit", "models:/lmpipe-classifier/1", "--project", str(tmp_path), "--no-mlflow"]) == 2
+    assert "a registered model needs the MLflow store" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,14 @@ def write_raw(
     exclude: dict | None = None,
     text_column: str = "text",
     label_column: str = "label",
+    **more,
 ) -> Path:
     raw.mkdir(parents=True, exist_ok=True)
     (raw / name).write_bytes(body.encode() if isinstance(body, str) else body)
     write_json(
         raw / "manifest.json",
         {
+            **more,
             "source": "imdb" if package else "file",
             "format": fmt,
             "file": name,
@@ -100,6 +103,69 @@ def test_clean_text_strips_html_unescapes_normalises_and_collapses(raw, clean):
 
 def test_cafe_composed_and_decomposed_become_one_text():
     assert data.clean_text("cafe\u0301") == data.clean_text("caf\u00e9")
+
+
+# --------------------------------------------------------------------------- length
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("Great film!", 2),
+        ("It's 10/10 :) -- really", 3),  # ":)" and "--" hold no letter or digit
+        ("很好看!", 3),
+        ("这部电影很好看,演员也很棒。", 12),
+        ("とても良い映画でした", 10),
+        ("コーヒー", 4),
+        ("좋은 영화", 2),  # Korean spaces its words
+        ("I love 北京 a lot", 6),
+        ("", 0),
+    ],
+)
+def test_words_count_each_han_or_kana_character_as_one(text, words):
+    assert data.count_words(text) == words
+
+
+CHINESE = [
+    ("这部电影很好看", "positive"),  # "this film is great": 7 characters
+    ("演员的表演非常出色", "positive"),
+    ("剧情紧凑,值得一看", "positive"),
+    ("音乐和画面都很美", "positive"),
+    ("太无聊了,浪费时间", "negative"),
+    ("剧情拖沓,看不下去", "negative"),
+    ("演技很差,很失望", "negative"),
+    ("完全不推荐这部片", "negative"),
+    ("好", "positive"),  # one word: too short either way
+    ("差", "negative"),
+]
+
+
+def test_short_chinese_reviews_are_dropped_in_chars_with_a_hint(caplog):
+    frame = pd.DataFrame(CHINESE, columns=["text", "label"])
+    with caplog.at_level("WARNING", logger="lmpipe.preprocess.cleaning"):
+        kept, dropped = data.filter_rows(frame, min_chars=20, max_chars=None)  # the shipped default
+    assert kept.empty and dropped["too_short"] == 10
+    assert "10 of the 10 texts dropped as too_short contain Chinese/Japanese" in caplog.text
+    assert "preprocess.length_unit: words" in caplog.text
+
+
+def test_short_chinese_reviews_are_kept_when_length_counts_words(tmp_path):
+    frame = pd.DataFrame(CHINESE, columns=["text", "label"])
+    kept, dropped = data.filter_rows(frame, min_chars=4, max_chars=None, unit="words")
+    assert dropped["too_short"] == 2 and kept["text"].tolist() == [t for t, _ in CHINESE[:8]]
+    metrics = run(csv_raw(tmp_path, frame), tmp_path / "out", min_chars=4, length_unit="words")
+    assert metrics["rows_out"] == 8 and metrics["dropped"]["too_short"] == 2
+    assert sorted(sum(split_texts(tmp_path / "out").values(), [])) == sorted(t for t, _ in CHINESE[:8])
+
+
+def test_words_unit_applies_to_max_chars_and_english_alike():
+    frame = pd.DataFrame(
+        {
+            "text": ["Too short.", "Just four words here", "这部电影很好看", "one two three four five six", "!!! ???"],
+            "label": ["positive"] * 5,
+        }
+    )
+    kept, dropped = data.filter_rows(frame, min_chars=4, max_chars=5, unit="words")
+    assert kept["text"].tolist() == ["Just four words here"]
+    assert dropped == {"empty": 0, "too_short": 2, "too_long": 2, "conflicting_duplicates": 0, "duplicates": 0}
 
 
 # --------------------------------------------------------------------------- filtering
@@ -283,6 +349,7 @@ def test_malformed_csv_names_file_and_row(tmp_path):
     body = "text,label\ngood one here,positive\nthis, has, commas,negative\n"
     message = bad(tmp_path, body)
     assert "raw/d.csv row 3: malformed CSV: Expected 2 fields in line 3, saw 4" in message
+    assert message.endswith("(delimiter ','; a field that contains it must be in double quotes)")
 
 
 def test_unclosed_quote_names_file_and_row(tmp_path):
@@ -342,6 +409,75 @@ def test_bz2_csv_is_read(tmp_path):
     body = bz2.compress(corpus(20).to_csv(index=False).encode())
     raw = write_raw(tmp_path / "raw", body, name="d.csv.bz2", fmt="csv.bz2")
     assert run(raw, tmp_path / "out")["rows_out"] == 40
+
+
+# --------------------------------------------------------------------------- other formats
+def test_semicolon_delimiter_recorded_in_the_manifest_is_used(tmp_path):
+    frame = corpus(20)
+    frame.loc[0, "text"] = "commas, semicolons; both"
+    raw = write_raw(tmp_path / "raw", frame.to_csv(index=False, sep=";"), delimiter=";")
+    assert run(raw, tmp_path / "out")["rows_out"] == 40
+    assert "commas, semicolons; both" in sum(split_texts(tmp_path / "out").values(), [])
+
+
+def test_semicolon_file_row_with_extra_delimiter_names_row_and_delimiter(tmp_path):
+    body = "text;label\ngood one here;positive\nsee; this;negative\n"
+    message = bad(tmp_path, body, delimiter=";")
+    assert "raw/d.csv row 3: malformed CSV: Expected 2 fields in line 3, saw 3 (delimiter ';'" in message
+
+
+def test_tsv_is_read_with_tabs(tmp_path):
+    frame = corpus(20)
+    frame.loc[0, "text"] = "commas, and; semicolons"
+    raw = write_raw(tmp_path / "raw", frame.to_csv(index=False, sep="\t"), name="d.tsv", fmt="tsv")
+    assert run(raw, tmp_path / "out")["rows_out"] == 40
+    assert "commas, and; semicolons" in sum(split_texts(tmp_path / "out").values(), [])
+
+
+def jsonl(frame: pd.DataFrame) -> str:
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in frame.to_dict(orient="records"))
+
+
+def test_jsonl_is_read_one_object_per_line(tmp_path):
+    frame = corpus(20)
+    frame["label"] = (frame["label"] == "positive").astype(int)
+    frame["extra"] = "ignored"
+    frame.loc[0, "text"] = 'a "quoted", multi\nline text'
+    raw = write_raw(tmp_path / "raw", jsonl(frame), name="d.jsonl", fmt="jsonl")
+    metrics = run(raw, tmp_path / "out")
+    assert metrics["rows_in"] == metrics["rows_out"] == 40
+    assert json.loads((tmp_path / "out" / "labels.json").read_text()) == {"labels": ["0", "1"]}
+    assert 'a "quoted", multi line text' in sum(split_texts(tmp_path / "out").values(), [])
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path):
+    body = jsonl(corpus(3)) + '{"text": "unterminated, "label": "positive"}\n' + jsonl(corpus(2))
+    message = bad(tmp_path, body, name="d.jsonl", fmt="jsonl")
+    assert message.endswith("raw/d.jsonl line 7: not valid JSON (Expecting ',' delimiter, column 26)")
+
+
+def test_jsonl_line_that_is_not_an_object_names_file_and_line(tmp_path):
+    body = '{"text": "good one here", "label": "positive"}\n\n["bad one here", "negative"]\n'
+    message = bad(tmp_path, body, name="d.jsonl", fmt="jsonl")
+    assert message.endswith("raw/d.jsonl line 3: expected one JSON object per line, got a list")
+
+
+def test_jsonl_bad_label_and_bad_bytes_name_the_line(tmp_path):
+    body = '{"text": "good one here", "label": "positive"}\n\n{"text": "meh here", "label": "neutral"}\n'
+    assert "raw/d.jsonl line 3: label 'neutral' is not one of" in bad(
+        tmp_path, body, name="d.jsonl", fmt="jsonl", labels=LABELS, package=True
+    )
+    body = b'{"text": "good one here", "label": "positive"}\n{"text": "caf\xe9", "label": "negative"}\n'
+    shutil.rmtree(tmp_path / "raw")
+    assert "raw/d.jsonl line 2 (byte 60): not valid UTF-8 (0xe9)" in bad(tmp_path, body, name="d.jsonl", fmt="jsonl")
+
+
+def test_jsonl_record_without_the_text_key_counts_as_empty(tmp_path):
+    frame = corpus(20)
+    body = jsonl(frame) + '{"label": "positive"}\n'
+    raw = write_raw(tmp_path / "raw", body, name="d.jsonl", fmt="jsonl")
+    metrics = run(raw, tmp_path / "out")
+    assert metrics["rows_in"] == 41 and metrics["dropped"]["empty"] == 1
 
 
 # --------------------------------------------------------------------------- stage

@@ -21,7 +21,7 @@ import yaml
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.lineage import dvc_md5
-from lmpipe.export.export import select_model
+from lmpipe.task.selection import select_model
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "was"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,39 @@ def test_git_state_reports_revision_and_dirty_flag(tmp_path):
     (tmp_path / "f").write_text("2")
     assert git_state(tmp_path)["dirty"] is True
     assert git_state(Path("/"))["rev"] is None
+
+
+def test_git_state_ignores_what_dvc_rewrites_but_not_the_code(tmp_path):
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    files = {
+        "code.py": "x = 1\n",
+        "dvc.lock": "schema: '2.0'\n",
+        "models/.gitignore": "/a\n",
+        "reports/perf/pretrain.json": "{}\n",
+        "reports/evaluate/headline.json": "{}\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    lock = {
+        "stages": {
+            "pretrain": {"outs": [{"path": "reports/perf/pretrain.json", "md5": "0"}]},
+            "evaluate": {"outs": [{"path": "reports/evaluate/headline.json", "md5": "1"}]},
+        }
+    }
+    (tmp_path / "dvc.lock").write_text(json.dumps(lock))
+    run("init", "-q")
+    run("add", "-A")
+    run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    for name in ("models/.gitignore", "reports/perf/pretrain.json", "reports/evaluate/headline.json"):
+        (tmp_path / name).write_text("changed by dvc repro\n")
+    lock["stages"]["pretrain"]["outs"][0]["md5"] = "2"
+    (tmp_path / "dvc.lock").write_text(json.dumps(lock))
+    assert git_state(tmp_path)["dirty"] is False  # only what DVC itself rewrites
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["dirty"] is True
 
 
 def test_upstream_stages_follow_outputs_back_to_the_raw_data():

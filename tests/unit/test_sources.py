@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from lmpipe.core.errors import LmpipeError
-from lmpipe.core.params import FileSource, PinnedPackage, load_params
+from lmpipe.core.params import FileSource, PinnedPackage, load_params, parse_params
 from lmpipe.fetch import sources
 from lmpipe.preprocess.cleaning import load_raw, read_manifest
 
@@ -245,6 +246,128 @@ def test_unknown_user_file_type_names_the_key(tmp_path):
         sources.check_source(fetch)
 
 
+def fetch_user_file(tmp_path: Path, name: str, body: str | bytes, **file) -> tuple[dict, Path]:
+    """Fetch `userdata/<name>` holding `body` into tmp_path/raw; return the manifest and raw dir."""
+    (tmp_path / "userdata").mkdir(exist_ok=True)
+    path = tmp_path / "userdata" / name
+    path.write_bytes(body.encode() if isinstance(body, str) else body)
+    fetch = fetch_params("file").model_copy(update={"file": FileSource(path=str(path), **file)})
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    return sources.fetch_source(fetch, raw), raw
+
+
+def test_semicolon_csv_delimiter_is_sniffed_recorded_and_read_back(tmp_path):
+    body = "text;label\nGood, even great, film;positive\nDull; far too long;negative\n"
+    body = body.replace("Dull; far too long", '"Dull; far too long"')  # a quoted field may hold it
+    manifest, raw = fetch_user_file(tmp_path, "reviews.csv", body)
+    assert manifest["delimiter"] == ";" and manifest["columns"] == ["text", "label"]
+    assert read_manifest(raw)["delimiter"] == ";"
+    rows = load_raw(raw).frame
+    assert rows["text"].tolist() == ["Good, even great, film", "Dull; far too long"]
+    assert rows["label"].tolist() == ["positive", "negative"]
+
+
+@pytest.mark.parametrize(
+    "header, delimiter",
+    [
+        ("text,label", ","),
+        ("text;label", ";"),
+        ("text\tlabel", "\t"),
+        ("id;notes, comments;text;label", ";"),  # the split that yields the named columns wins
+        ("a;b;c", ";"),  # none yields them: the one giving most columns
+        ("review", ","),  # a tie: comma
+    ],
+)
+def test_sniffing_picks_the_delimiter_that_yields_the_named_columns(header, delimiter):
+    assert sources.sniff_delimiter(header, ("text", "label")) == delimiter
+
+
+def test_explicit_tab_delimiter_reads_a_tab_separated_csv(tmp_path):
+    body = "text\tlabel\nfine, fine words\tpositive\nbad; bad words\tnegative\n"
+    manifest, raw = fetch_user_file(tmp_path, "reviews.csv", body, delimiter="\t")
+    assert manifest["delimiter"] == "\t" and manifest["format"] == "csv"
+    assert load_raw(raw).frame["text"].tolist() == ["fine, fine words", "bad; bad words"]
+
+
+def test_tsv_file_is_read_with_tabs(tmp_path):
+    body = "id\ttext\tlabel\n1\tcommas, here\tpositive\n2\tsemicolons; here\tnegative\n"
+    manifest, raw = fetch_user_file(tmp_path, "reviews.tsv", body)
+    assert (manifest["format"], manifest["delimiter"]) == ("tsv", "\t")
+    assert manifest["columns"] == ["id", "text", "label"]
+    assert load_raw(raw).frame["text"].tolist() == ["commas, here", "semicolons; here"]
+
+
+def test_jsonl_file_is_fetched_with_its_first_record_keys_and_read(tmp_path):
+    body = '{"body": "a fine film", "stars": 1}\n\n{"stars": 0, "body": "line\\nbreak, \\"quoted\\""}\n'
+    manifest, raw = fetch_user_file(tmp_path, "reviews.jsonl", body, text_column="body", label_column="stars")
+    assert (manifest["format"], manifest["delimiter"]) == ("jsonl", None)
+    assert manifest["columns"] == ["body", "stars"]
+    assert (raw / "reviews.jsonl").read_text() == body
+    raw_rows = load_raw(raw)
+    assert raw_rows.frame["text"].tolist() == ["a fine film", 'line\nbreak, "quoted"']
+    assert raw_rows.frame["label"].tolist() == ["1", "0"]
+    assert raw_rows.where(1).endswith("raw/reviews.jsonl line 3")  # line 2 is blank
+
+
+def test_jsonl_whose_first_record_is_broken_is_stopped_at_fetch_naming_the_line(tmp_path):
+    with pytest.raises(LmpipeError, match=r"userdata/x\.jsonl line 2: not valid JSON \(Expecting"):
+        fetch_user_file(tmp_path, "x.jsonl", '\n{"text": "ok", "label": 1,}\n')
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+def test_missing_text_column_lists_the_columns_found_and_copies_nothing(tmp_path):
+    body = "review,sentiment,label\nsome words here,pos,1\n"
+    with pytest.raises(LmpipeError) as err:
+        fetch_user_file(tmp_path, "reviews.csv", body)
+    message = str(err.value)
+    assert message.endswith(
+        "userdata/reviews.csv: no text column 'text' (fetch.file.text_column); "
+        "the header split on ',' gives columns ['review', 'sentiment', 'label']"
+    )
+    assert list((tmp_path / "raw").iterdir()) == []  # nothing copied, no manifest
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_missing_columns_in_parquet_and_jsonl_are_listed(tmp_path, suffix):
+    frame = pd.DataFrame({"body": ["some text here"], "y": [1]})
+    (tmp_path / "userdata").mkdir()
+    path = tmp_path / "userdata" / f"d{suffix}"
+    if suffix == ".parquet":
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    fetch = fetch_params("file").model_copy(update={"file": FileSource(path=str(path), label_column="y")})
+    with pytest.raises(LmpipeError) as err:
+        sources.check_source(fetch)
+    what = "the first record has keys" if suffix == ".jsonl" else "the file has columns"
+    assert str(err.value).endswith(f"no text column 'text' (fetch.file.text_column); {what} ['body', 'y']")
+
+
+def test_semicolon_file_read_with_comma_gets_a_delimiter_hint(tmp_path):
+    body = "text;label\nGood film;positive\nA long, dull one;negative\n"
+    with pytest.raises(LmpipeError) as err:
+        fetch_user_file(tmp_path, "reviews.csv", body, delimiter=",")
+    assert str(err.value).endswith(
+        "no text column 'text' (fetch.file.text_column) and no label column 'label' (fetch.file.label_column); "
+        "the header split on ',' gives columns ['text;label']; that column holds ';': "
+        "the delimiter looks like ';' (set fetch.file.delimiter: \";\")"
+    )
+    assert list((tmp_path / "raw").iterdir()) == []
+
+
+def test_tab_file_read_with_semicolon_gets_a_tab_hint(tmp_path):
+    with pytest.raises(LmpipeError, match=r"the delimiter looks like '\\t' \(set fetch\.file\.delimiter: \"\\t\"\)"):
+        fetch_user_file(tmp_path, "r.csv", "text\tlabel\nok\tpositive\n", delimiter=";")
+
+
+def test_a_delimiter_outside_the_three_is_refused_naming_the_key():
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["fetch"]["file"]["delimiter"] = "|"
+    with pytest.raises(LmpipeError, match=r"fetch\.file\.delimiter must be one of"):
+        parse_params(raw, "params.yaml")
+
+
 # --------------------------------------------------------------------------- stage
 def stage_project(tmp_path: Path, source: str, file_path: str) -> None:
     text = (ROOT / "params.yaml").read_text()
@@ -261,6 +384,20 @@ def test_fetch_stage_missing_user_file_names_the_key_and_writes_nothing(tmp_path
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LmpipeError, match=r"fetch\.file\.path: userdata/nope\.csv not found"):
         fetch.main()
+    assert not (tmp_path / "data").exists()
+
+
+def test_fetch_stage_missing_text_column_lists_the_columns_and_writes_nothing(tmp_path, monkeypatch):
+    from stages import fetch
+
+    stage_project(tmp_path, "file", "userdata/d.csv")
+    (tmp_path / "userdata").mkdir()
+    (tmp_path / "userdata" / "d.csv").write_text("review;label\nfine words here;a\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LmpipeError) as err:
+        fetch.main()
+    assert "no text column 'text' (fetch.file.text_column)" in str(err.value)
+    assert "gives columns ['review', 'label']" in str(err.value)
     assert not (tmp_path / "data").exists()
 
 

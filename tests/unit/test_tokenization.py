@@ -302,7 +302,12 @@ def test_stage_writes_tokenizer_tokens_and_metrics(project, tracking_uri):
     write_processed(project, TRAIN_DOCS, VAL_DOCS)
     metrics = tokenize_corpus.main()
     assert stage_outputs(project) == ["data/tokens", "models/tokenizer"]
-    assert read_json(project / "reports/tokenize/metrics.json") == pytest.approx(metrics)
+    results, perf = (
+        read_json(project / "reports/tokenize/metrics.json"),
+        read_json(project / "reports/perf/tokenize.json"),
+    )
+    assert {**results, **perf} == pytest.approx(metrics)
+    assert set(perf) == {"encode_mb_per_s", "encode_seconds", "tokenizer_train_seconds"}  # timings apart
     assert metrics["train_documents"] == len(TRAIN_DOCS)
 
     import mlflow

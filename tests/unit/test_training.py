@@ -398,12 +398,31 @@ def test_curves_and_tracker_get_every_row(tmp_path):
             self.calls.append((step, dict(metrics)))
 
     sink = Sink()
-    run(regression_model(), config(), tracker=sink, curves_dir=tmp_path, flops_per_token=100.0, peak_flops=1e9)
+    perf = tmp_path / "perf" / "curve.csv"
+    run(
+        regression_model(),
+        config(),
+        tracker=sink,
+        curves_dir=tmp_path,
+        perf_curve=perf,
+        flops_per_token=100.0,
+        peak_flops=1e9,
+    )
     with open(tmp_path / "train_curve.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == list(training.TRAIN_COLUMNS)
+    assert list(rows[0]) == list(training.TRAIN_COLUMNS)  # no timing: the same bytes on a rerun
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
-    assert all(float(r["tokens_per_s"]) > 0 and 0 < float(r["mfu"]) for r in rows)
+    with open(perf) as handle:
+        perf_rows = list(csv.DictReader(handle))
+    assert list(perf_rows[0]) == list(training.PERF_COLUMNS) and [int(r["step"]) for r in perf_rows] == [
+        2,
+        4,
+        6,
+        8,
+        10,
+        12,
+    ]
+    assert all(float(r["tokens_per_s"]) > 0 and 0 < float(r["mfu"]) for r in perf_rows)
     with open(tmp_path / "eval_curve.csv") as handle:
         assert [r["step"] for r in csv.DictReader(handle)] == ["4", "8", "12"]
     train_steps = [s for s, m in sink.calls if "train_loss" in m]
