@@ -122,6 +122,9 @@ def _build_project(root: Path) -> Path:
     curves.mkdir(parents=True)
     (curves / "train_curve.csv").write_text("step,loss,lr\n10,9.1,0.001\n20,8.2,0.0009\n30,7.5,0.0005\n")
     (curves / "eval_curve.csv").write_text("step,val_loss,val_perplexity\n15,8.8,6634.2\n30,7.9,2697.3\n")
+    for name, accuracy in (("tiny", 0.9), ("tiny_random", 0.6)):  # validation: what export selects on
+        (root / "reports/finetune" / name).mkdir(parents=True)
+        (root / "reports/finetune" / name / "metrics.json").write_text(json.dumps({"val_accuracy": accuracy}))
     return root
 
 
@@ -358,12 +361,20 @@ def test_stage_logs_all_params_flat_metrics_artifacts_and_upstream_runs(project,
     head = stage.main()
 
     assert json.loads((root / "reports/evaluate/metrics.json").read_text()) == head
+    headline = json.loads((root / "reports/evaluate/headline.json").read_text())
+    assert headline["model"] == "tiny"  # the best on validation, as export picks it
+    assert headline["acc"] == head["tiny"]["accuracy"] and headline["tfidf_acc"] == head["baseline"]["accuracy"]
+    tiny = head["tiny"]
+    assert (headline["acc_lo"], headline["acc_hi"]) == (tiny["accuracy_ci_low"], tiny["accuracy_ci_high"])
+    assert headline["gain"] == head["tiny"]["vs_random_accuracy_diff"]
     assert not list((root / "reports").glob(".evaluate*"))  # no temporary folder left behind
     run = next(r for r in client.search_runs([exp]) if r.data.tags.get("lmpipe.stage") == "evaluate")
     assert run.info.status == "FINISHED"
     assert run.data.params["pretrain.optim.lr"] == "0.002" and run.data.params["evaluate.ece_bins"] == "10"
     assert run.data.metrics["tiny.vs_random_accuracy_diff"] == pytest.approx(head["tiny"]["vs_random_accuracy_diff"])
     assert run.data.metrics["tiny.accuracy"] == pytest.approx(head["tiny"]["accuracy"])
+    assert run.data.metrics["headline.acc"] == pytest.approx(headline["acc"])
+    assert run.data.tags["lmpipe.headline.model"] == "tiny"
     assert run.data.metrics["baseline.accuracy"] == pytest.approx(head["baseline"]["accuracy"])
     assert run.data.metrics["pretrained.test_mlm_perplexity"] == pytest.approx(
         head["pretrained"]["test_mlm_perplexity"]
