@@ -6,7 +6,10 @@ Every stage opens `stage_run(...)`. The run carries:
   each input (at start) and output (at the end), so a run can be found from a `dvc.lock` hash;
 - params: the flattened params sections the stage reads;
 - metrics: buffered and sent in batches (one `log_metric` costs ~30 ms against SQLite).
-It ends FINISHED on success, FAILED on an exception, KILLED on SIGTERM or Ctrl-C. When the
+It ends FINISHED on success, FAILED on an exception, KILLED on SIGTERM or Ctrl-C. A run also
+records its owner (`lmpipe.owner.*`: host, pid, process start time); a process killed outright
+(SIGKILL, out of memory) cannot close its run, so each stage, before opening its own, closes this
+project's RUNNING runs whose owner on this host is gone as KILLED, with `lmpipe.killed_reason`. When the
 store cannot be reached, the stage warns once and goes on untracked. Only rank 0 of a
 `torchrun` job logs; the other ranks get a tracker that does nothing.
 """
@@ -18,6 +21,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -27,7 +31,19 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.core.errors import Terminated
-from lmpipe.core.lineage import TAG_GIT_DIRTY, TAG_GROUP, TAG_PROJECT, TAG_STAGE, dvc_md5, git_state, hash_tag
+from lmpipe.core.lineage import (
+    TAG_GIT_DIRTY,
+    TAG_GROUP,
+    TAG_KILLED_REASON,
+    TAG_OWNER_HOST,
+    TAG_OWNER_PID,
+    TAG_OWNER_START,
+    TAG_PROJECT,
+    TAG_STAGE,
+    dvc_md5,
+    git_state,
+    hash_tag,
+)
 from lmpipe.core.params import flatten
 from lmpipe.core.project import default_tracking_uri, project_root
 
@@ -164,6 +180,83 @@ def _reachable(uri: str) -> bool:
         return False
 
 
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, as an opaque string; None when it does not exist (or is a zombie).
+
+    Linux: field 22 of /proc/<pid>/stat (clock ticks since boot), exact and cheap. Elsewhere
+    psutil's create_time if installed, else "" (then only the pid's existence is checked).
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else fields[19]
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else _start_without_proc(pid)
+    except (OSError, IndexError):
+        return _start_without_proc(pid)
+
+
+def _start_without_proc(pid: int) -> str | None:
+    try:
+        import psutil
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            pass  # exists, owned by someone else
+        return ""
+    try:
+        return f"{psutil.Process(pid).create_time():.3f}"
+    except psutil.Error:
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """The `lmpipe.owner.*` tags naming this process."""
+    return {
+        TAG_OWNER_HOST: socket.gethostname(),
+        TAG_OWNER_PID: str(os.getpid()),
+        TAG_OWNER_START: process_start(os.getpid()) or "",
+    }
+
+
+def owner_alive(pid: int, start: str) -> bool:
+    """True when process `pid` on this host is still the one that started at `start`."""
+    now = process_start(pid)
+    return now is not None and (now == start or "" in (now, start))
+
+
+def close_orphans(client: Any, project: str) -> list[str]:
+    """Close this project's RUNNING runs whose owner on this host is gone as KILLED; their ids.
+
+    Runs of other hosts, and runs without owner tags, are left alone: nothing here can tell
+    whether their process still lives.
+    """
+    host = socket.gethostname()
+    query = (
+        f"attributes.status = 'RUNNING' and tags.`{TAG_PROJECT}` = '{_quoted(project)}'"
+        f" and tags.`{TAG_OWNER_HOST}` = '{_quoted(host)}'"
+    )
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    closed = []
+    for run in client.search_runs(experiments, filter_string=query, max_results=1000) if experiments else ():
+        tags = run.data.tags
+        pid = tags.get(TAG_OWNER_PID, "")
+        if not pid.isdigit() or owner_alive(int(pid), tags.get(TAG_OWNER_START, "")):
+            continue
+        reason = f"owner process {pid} on {host} ended without closing the run (found by pid {os.getpid()})"
+        client.set_tag(run.info.run_id, TAG_KILLED_REASON, reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("closed orphaned MLflow run %s (%s) as KILLED: %s", run.info.run_id, run.info.run_name, reason)
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
 def _open_run(stage: str, tags: dict[str, str], experiment: str) -> Tracker:
     uri = default_tracking_uri()
     if not _reachable(uri):
@@ -175,6 +268,10 @@ def _open_run(stage: str, tags: dict[str, str], experiment: str) -> Tracker:
 
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
+        try:
+            close_orphans(client, tags[TAG_PROJECT])
+        except Exception as exc:  # housekeeping: never a reason to run untracked
+            warnings.warn(f"MLflow: closing orphaned runs failed ({exc})")
         found = client.get_experiment_by_name(experiment)
         exp_id = (
             found.experiment_id
@@ -240,6 +337,7 @@ def stage_run(
         TAG_PROJECT: project_root().name,
         "mlflow.source.name": f"stages/{stage.split('@')[0]}",
         TAG_GIT_DIRTY: str(git["dirty"]),
+        **owner_tags(),
         **_hash_tags("dep", list(inputs), cwd),
         **(extra_tags or {}),
     }
@@ -260,8 +358,9 @@ def stage_run(
     try:
         yield tracker
         status = "FINISHED"
-    except (Terminated, KeyboardInterrupt):
+    except (Terminated, KeyboardInterrupt) as exc:
         status = "KILLED"
+        tracker.set_tags({TAG_KILLED_REASON: f"stopped: {exc or 'interrupted'}"})
         raise
     finally:
         if previous is not None:

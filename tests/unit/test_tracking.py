@@ -103,3 +103,60 @@ def test_only_rank_zero_logs(tracking_uri, params, tmp_path, monkeypatch):
     with stage_run("pretrain", params) as t:
         assert not t.active
     assert MlflowClient(tracking_uri).get_experiment_by_name("lmpipe") is None
+
+
+def _stage_script(project_root, stage):
+    return textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(project_root)!r})
+        from lmpipe.core.tracking import stage_run
+        with stage_run({stage!r}):
+            print("ready", flush=True)
+            time.sleep(60)
+        """
+    )
+
+
+def test_next_stage_closes_the_run_of_a_sigkilled_stage_as_killed(tracking_uri, project_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _stage_script(project_root, "pretrain")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        orphan = _only_run(tracking_uri)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert orphan.data.tags["lmpipe.owner.pid"] == str(proc.pid)
+    assert orphan.data.tags["lmpipe.owner.host"] and orphan.data.tags["lmpipe.owner.start"]
+    with stage_run("finetune"):
+        pass
+    client = MlflowClient(tracking_uri)
+    old = client.get_run(orphan.info.run_id)
+    assert old.info.status == "KILLED" and old.info.end_time
+    assert f"owner process {proc.pid}" in old.data.tags["lmpipe.killed_reason"]
+
+
+def test_runs_of_live_owners_and_other_hosts_stay_running(tracking_uri, tmp_path, monkeypatch):
+    from lmpipe.core.tracking import owner_tags
+
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("lmpipe")
+    project = {"lmpipe.project": tmp_path.name}
+    mine = client.create_run(exp, tags={**project, **owner_tags()}).info.run_id
+    elsewhere = {**owner_tags(), "lmpipe.owner.host": "another-host", "lmpipe.owner.pid": "999999999"}
+    other = client.create_run(exp, tags={**project, **elsewhere}).info.run_id
+    reused = client.create_run(exp, tags={**project, **owner_tags(), "lmpipe.owner.start": "1"}).info.run_id
+    with stage_run("baseline"):
+        pass
+    assert client.get_run(mine).info.status == "RUNNING"
+    assert client.get_run(other).info.status == "RUNNING"
+    assert client.get_run(reused).info.status == "KILLED"  # same pid, another start time: a reused pid
