@@ -10,15 +10,22 @@ from collections.abc import Callable
 from typing import Any
 
 from lmpipe.core.errors import LmpipeError, Terminated
+from lmpipe.core.io import disk_full
 
 
 def run(main: Callable[[], Any]) -> None:
-    """Run a stage's main(): a user error prints one line and exits 2; a kill exits 143/130."""
+    """Run a stage's main(): a user error prints one line and exits 2; a kill exits 143/130.
+
+    A full disk (ENOSPC, EDQUOT, EFBIG) is a user error too, wherever the write happened.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except LmpipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (LmpipeError, OSError) as exc:
+        error = exc if isinstance(exc, LmpipeError) else disk_full(exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Terminated as exc:
         print(f"stopped: {exc}", file=sys.stderr)
