@@ -15,7 +15,7 @@ from lmpipe.audit.audit import audit_target, format_report
 from lmpipe.cli.compare import add_compare_parser
 from lmpipe.cli.predict import add_predict_parser
 from lmpipe.core.errors import LmpipeError
-from lmpipe.core.io import disk_full, load_yaml
+from lmpipe.core.io import load_yaml, user_error
 from lmpipe.core.project import default_tracking_uri
 
 
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (LmpipeError, OSError) as exc:
-        error = exc if isinstance(exc, LmpipeError) else disk_full(exc)
+        error = exc if isinstance(exc, LmpipeError) else user_error(exc)
         if error is None:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -99,6 +99,25 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+_WRONG_KIND = {
+    errno.EISDIR: "is a folder where a file is expected",
+    errno.ENOTDIR: "a part of this path is a file where a folder is expected",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def user_error(exc: BaseException) -> LmpipeError | None:
+    """The one-line user error for an OSError the user can act on (a full disk, a folder where a
+    file should be, no permission), naming the path; None for anything else (a bug: keep its traceback)."""
+    full = disk_full(exc)
+    if full is not None or not isinstance(exc, OSError):
+        return full
+    if exc.errno in _WRONG_KIND and exc.filename is not None:
+        return LmpipeError(f"{exc.filename}: {_WRONG_KIND[exc.errno]}")
+    return None
+
+
 def _raise_disk_full(exc: BaseException, target: Path) -> None:
     error = disk_full(exc, target)
     if error is not None:
