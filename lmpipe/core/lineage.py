@@ -44,6 +44,7 @@ TAG_OWNER_HOST = "lmpipe.owner.host"  # socket.gethostname() of the stage proces
 TAG_OWNER_PID = "lmpipe.owner.pid"  # its process id
 TAG_OWNER_START = "lmpipe.owner.start"  # its start time (/proc/<pid>/stat field 22), so a reused pid is no owner
 TAG_KILLED_REASON = "lmpipe.killed_reason"  # why lmpipe closed a run as KILLED
+TAG_SPOOL_ID = "lmpipe.spool_id"  # a run made by replaying a spool: its local id, so a second replay finds it
 
 
 def hash_tag(kind: str, path: str) -> str:
