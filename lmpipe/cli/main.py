@@ -1,4 +1,4 @@
-"""`lmpipe`: the user's command line (params check, audit, predict, compare).
+"""`lmpipe`: the user's command line (params check, audit, predict, compare, sync).
 
 Heavy packages are imported inside the commands, so `lmpipe --help` answers at once.
 """
@@ -15,7 +15,7 @@ from lmpipe.audit.audit import audit_target, format_report
 from lmpipe.cli.compare import add_compare_parser
 from lmpipe.cli.predict import add_predict_parser
 from lmpipe.core.errors import LmpipeError
-from lmpipe.core.io import load_yaml
+from lmpipe.core.io import load_yaml, user_error
 from lmpipe.core.project import default_tracking_uri
 
 
@@ -40,6 +40,27 @@ def _audit(args: argparse.Namespace) -> int:
     report = audit_target(args.path, project=args.project, tracking_uri=uri)
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
     return 0 if report["ok"] else 1
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from lmpipe.core.project import project_root
+    from lmpipe.core.spool import spool_dir
+    from lmpipe.core.tracking import reachable, sync_spool
+
+    root = project_root(args.project)
+    uri = args.tracking_uri or default_tracking_uri(root)
+    pending = sorted(spool_dir(root).glob("*.jsonl"))
+    if not pending:
+        print(f"{spool_dir(root)}: nothing to sync")
+        return 0
+    if not reachable(uri):
+        raise LmpipeError(f"{uri}: MLflow store not reachable; {len(pending)} spooled run(s) kept in {spool_dir(root)}")
+    from mlflow.tracking import MlflowClient
+
+    sent = sync_spool(MlflowClient(uri), uri, root)
+    left = len(list(spool_dir(root).glob("*.jsonl")))
+    print(f"sent {len(sent)} spooled run(s) to {uri}" + (f"; {left} still being written, kept" if left else ""))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--no-mlflow", action="store_true", help="skip the MLflow run look-up")
     audit.set_defaults(func=_audit)
 
+    sync = commands.add_parser(
+        "sync",
+        help="send what stages journaled while the MLflow store was down",
+        description="Replay every finished run journal in <project>/.lmpipe/spool into the MLflow store, "
+        "once (a replayed journal is removed; replaying again creates no second run).",
+    )
+    sync.add_argument("--project", help="the project whose spool to send (default: the one around cwd)")
+    sync.add_argument("--tracking-uri", help="MLflow store to send to (default: the project's)")
+    sync.set_defaults(func=_sync)
+
     add_predict_parser(commands)
     add_compare_parser(commands)
     return parser
@@ -83,8 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except LmpipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (LmpipeError, OSError) as exc:
+        error = exc if isinstance(exc, LmpipeError) else user_error(exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
 

@@ -1,12 +1,16 @@
 """Atomic writes: an output appears complete or not at all.
 
 Every file or folder a stage produces goes through these helpers, so a crash, a kill or a
-validation error never leaves something DVC could mistake for a result.
+validation error never leaves something DVC could mistake for a result. A full disk, a quota or
+a file size limit (ENOSPC, EDQUOT, EFBIG) becomes an LmpipeError naming the output (the stage
+prints one line and exits 2) once the temporary sibling is removed; `lmpipe.core.stage.run`
+maps such an error from any other write the same way (`disk_full`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -14,6 +18,22 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lmpipe.core.errors import LmpipeError
+
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def disk_full(exc: BaseException, path: str | os.PathLike | None = None) -> LmpipeError | None:
+    """The user error for an OSError that says the disk (or quota, or file size limit) is full, else None."""
+    if not isinstance(exc, OSError) or exc.errno not in DISK_FULL:
+        return None
+    where = path if path is not None else (exc.filename or "an output")
+    reason = f"{errno.errorcode[exc.errno]}: {os.strerror(exc.errno)}"
+    return LmpipeError(
+        f"{where}: no space left on device ({reason}); nothing was written: free space "
+        "(or raise the quota or file size limit) and rerun"
+    )
 
 
 def _tmp_sibling(path: Path, is_dir: bool) -> Path:
@@ -48,8 +68,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         remove(tmp)
+        _raise_disk_full(exc, target)
         raise
 
 
@@ -72,9 +93,35 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             remove(old)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         remove(tmp)
+        _raise_disk_full(exc, target)
         raise
+
+
+_WRONG_KIND = {
+    errno.EISDIR: "is a folder where a file is expected",
+    errno.ENOTDIR: "a part of this path is a file where a folder is expected",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+def user_error(exc: BaseException) -> LmpipeError | None:
+    """The one-line user error for an OSError the user can act on (a full disk, a folder where a
+    file should be, no permission), naming the path; None for anything else (a bug: keep its traceback)."""
+    full = disk_full(exc)
+    if full is not None or not isinstance(exc, OSError):
+        return full
+    if exc.errno in _WRONG_KIND and exc.filename is not None:
+        return LmpipeError(f"{exc.filename}: {_WRONG_KIND[exc.errno]}")
+    return None
+
+
+def _raise_disk_full(exc: BaseException, target: Path) -> None:
+    error = disk_full(exc, target)
+    if error is not None:
+        raise error from exc
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -38,6 +38,13 @@ TAG_HEADLINE_MODEL = "lmpipe.headline.model"  # evaluate: the model its headline
 TAG_REGISTERED_MODEL = "lmpipe.registered_model"
 TAG_REGISTERED_VERSION = "lmpipe.registered_version"
 TAG_MODEL_URI = "lmpipe.model_uri"
+# Who owns a run, so a run whose process died without closing it (SIGKILL, OOM, power loss) can be
+# told from a live one and closed as KILLED by the next stage on the same host.
+TAG_OWNER_HOST = "lmpipe.owner.host"  # socket.gethostname() of the stage process
+TAG_OWNER_PID = "lmpipe.owner.pid"  # its process id
+TAG_OWNER_START = "lmpipe.owner.start"  # its start time (/proc/<pid>/stat field 22), so a reused pid is no owner
+TAG_KILLED_REASON = "lmpipe.killed_reason"  # why lmpipe closed a run as KILLED
+TAG_SPOOL_ID = "lmpipe.spool_id"  # a run made by replaying a spool: its local id, so a second replay finds it
 
 
 def hash_tag(kind: str, path: str) -> str:

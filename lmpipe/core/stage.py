@@ -10,15 +10,23 @@ from collections.abc import Callable
 from typing import Any
 
 from lmpipe.core.errors import LmpipeError, Terminated
+from lmpipe.core.io import user_error
 
 
 def run(main: Callable[[], Any]) -> None:
-    """Run a stage's main(): a user error prints one line and exits 2; a kill exits 143/130."""
+    """Run a stage's main(): a user error prints one line and exits 2; a kill exits 143/130.
+
+    A full disk (ENOSPC, EDQUOT, EFBIG), a folder where a file should be and a permission error are
+    user errors too, wherever they happen (lmpipe.core.io.user_error).
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         main()
-    except LmpipeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (LmpipeError, OSError) as exc:
+        error = exc if isinstance(exc, LmpipeError) else user_error(exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except Terminated as exc:
         print(f"stopped: {exc}", file=sys.stderr)

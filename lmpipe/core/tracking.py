@@ -6,8 +6,13 @@ Every stage opens `stage_run(...)`. The run carries:
   each input (at start) and output (at the end), so a run can be found from a `dvc.lock` hash;
 - params: the flattened params sections the stage reads;
 - metrics: buffered and sent in batches (one `log_metric` costs ~30 ms against SQLite).
-It ends FINISHED on success, FAILED on an exception, KILLED on SIGTERM or Ctrl-C. When the
-store cannot be reached, the stage warns once and goes on untracked. Only rank 0 of a
+It ends FINISHED on success, FAILED on an exception, KILLED on SIGTERM or Ctrl-C. A run also
+records its owner (`lmpipe.owner.*`: host, pid, process start time); a process killed outright
+(SIGKILL, out of memory) cannot close its run, so each stage, before opening its own, closes this
+project's RUNNING runs whose owner on this host is gone as KILLED, with `lmpipe.killed_reason`. When the
+store cannot be reached, at the start or mid-run, the stage warns once and goes on, journaling
+what it would have sent to `<project>/.lmpipe/spool/` (lmpipe.core.spool); the next stage that
+reaches the store, or `lmpipe sync`, sends it (`sync_spool`). Only rank 0 of a
 `torchrun` job logs; the other ranks get a tracker that does nothing.
 """
 
@@ -17,7 +22,9 @@ import contextlib
 import logging
 import os
 import resource
+import shutil
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -27,9 +34,23 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.core.errors import Terminated
-from lmpipe.core.lineage import TAG_GIT_DIRTY, TAG_GROUP, TAG_PROJECT, TAG_STAGE, dvc_md5, git_state, hash_tag
+from lmpipe.core.lineage import (
+    TAG_GIT_DIRTY,
+    TAG_GROUP,
+    TAG_KILLED_REASON,
+    TAG_OWNER_HOST,
+    TAG_OWNER_PID,
+    TAG_OWNER_START,
+    TAG_PROJECT,
+    TAG_SPOOL_ID,
+    TAG_STAGE,
+    dvc_md5,
+    git_state,
+    hash_tag,
+)
 from lmpipe.core.params import flatten
 from lmpipe.core.project import default_tracking_uri, project_root
+from lmpipe.core.spool import METRIC_CHUNK, Spool, apply, read_spool, spool_dir
 
 log = logging.getLogger("lmpipe.core.tracking")
 
@@ -39,7 +60,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
-FLUSH_EVERY = 200  # buffered metric values per batch request
+FLUSH_EVERY = METRIC_CHUNK  # buffered metric values per batch request
 MAX_PARAM_LEN = 6000  # MLflow's param value limit
 
 
@@ -57,102 +78,105 @@ def is_rank_zero() -> bool:
 
 
 class Tracker:
-    """A thin, failure-tolerant handle on one MLflow run (or on nothing)."""
+    """A thin, failure-tolerant handle on one MLflow run, on a spool journal of it, or on nothing.
 
-    def __init__(self, client: Any = None, run_id: str | None = None) -> None:
+    Every call becomes a record (lmpipe.core.spool) sent to the store; when a send fails, the
+    tracker warns once and journals that record and the rest of the run to its spool (when it has
+    a project to keep one in), so an outage loses nothing; `lmpipe sync` sends it later.
+    """
+
+    def __init__(self, client: Any = None, run_id: str | None = None, spool: Spool | None = None) -> None:
         self._client = client
         self.run_id = run_id
-        self._buffer: list[Any] = []
+        self._buffer: list[list[Any]] = []
+        self.spool = spool  # set: journaling (from the start, or after a failed send)
+        self._spool_root: Path | None = None  # where to open a spool if the store fails mid-run
 
     @property
     def active(self) -> bool:
+        """True while a live MLflow client backs this tracker."""
         return self._client is not None
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self.active:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # a tracker that is down never kills the stage
-            warnings.warn(f"MLflow {what} failed, tracking off for this stage: {exc}", stacklevel=3)
-            self._client = None
-            return None
+    @property
+    def recording(self) -> bool:
+        """True while what is logged goes somewhere (the store or the spool)."""
+        return self._client is not None or self.spool is not None
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self._client is not None:
+            try:
+                apply(self._client, self.run_id, record)
+                return
+            except Exception as exc:  # a tracker that is down never kills the stage
+                self._client = None
+                self._go_offline(record["op"], exc)
+        if self.spool is not None:
+            try:
+                self.spool.write(record)
+            except Exception as exc:  # nor does a spool that cannot be written
+                warnings.warn(f"MLflow spool {self.spool.path} failed, tracking off for this stage: {exc}")
+                self.spool = None
+
+    def _go_offline(self, op: str, exc: Exception) -> None:
+        if self._spool_root is None or self.run_id is None:
+            warnings.warn(f"MLflow {op} failed, tracking off for this stage: {exc}", stacklevel=4)
+            return
+        self.spool = Spool(self._spool_root)
+        warnings.warn(
+            f"MLflow {op} failed ({exc}); journaling the rest of run {self.run_id} to {self.spool.path}"
+            " (`lmpipe sync` or the next stage sends it)",
+            stacklevel=4,
+        )
+        self.spool.write({"op": "attach", "run_id": self.run_id, "owner": owner_tags()})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if not self.active:
-            return
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        self._call("set_tags", lambda: self._client.log_batch(self.run_id, tags=items))
+        if self.recording and tags:
+            self._emit({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if not self.active:
-            return
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(params.items())]
-        for start in range(0, len(items), 100):
-            chunk = items[start : start + 100]
-            self._call("log_params", lambda: self._client.log_batch(self.run_id, params=chunk))
+        if self.recording and params:
+            self._emit({"op": "params", "params": {k: str(v)[:MAX_PARAM_LEN] for k, v in sorted(params.items())}})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Queue metrics; they are sent in batches (and always before the run ends)."""
-        if not self.active:
+        if not self.recording:
             return
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        for key, value in metrics.items():
-            self._buffer.append(Metric(key, float(value), now, step or 0))
+        self._buffer.extend([key, float(value), now, step or 0] for key, value in metrics.items())
         if len(self._buffer) >= FLUSH_EVERY:
             self.flush()
 
     def flush(self) -> None:
-        while self._buffer and self.active:
-            chunk, self._buffer = self._buffer[:FLUSH_EVERY], self._buffer[FLUSH_EVERY:]
-            self._call("log_metrics", lambda: self._client.log_batch(self.run_id, metrics=chunk))
-        self._buffer.clear()
+        if self._buffer and self.recording:
+            self._emit({"op": "metrics", "metrics": self._buffer})
+        self._buffer = []
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        fn = self._client.log_artifacts if self.active and path.is_dir() else None
-        if fn is None and self.active:
-            fn = self._client.log_artifact
-        if fn is not None:
-            self._call("log_artifact", fn, self.run_id, str(path), artifact_path)
+        if self.recording:
+            self._emit({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def log_dict(self, obj: Any, artifact_file: str) -> None:
-        self._call("log_dict", lambda: self._client.log_dict(self.run_id, obj, artifact_file))
+        if self.recording:
+            self._emit({"op": "dict", "obj": obj, "artifact_file": artifact_file})
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self._call("log_figure", lambda: self._client.log_figure(self.run_id, figure, artifact_file))
+        if self.recording:
+            self._emit({"op": "figure", "figure": figure, "artifact_file": artifact_file})
 
     def log_input(self, path: str | os.PathLike, context: str) -> None:
         """Record a data set input whose digest is its DVC md5 (as in dvc.lock)."""
+        if self.recording:
+            full = str(Path(path).resolve())
+            self._emit(
+                {"op": "input", "path": full, "name": str(path), "digest": dvc_md5(path)[:36], "context": context}
+            )
 
-        def send() -> None:
-            from mlflow.data.dataset_source_registry import resolve_dataset_source
-            from mlflow.data.meta_dataset import MetaDataset
-            from mlflow.entities import InputTag
-
-            with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
-                warnings.simplefilter("ignore")
-                source = resolve_dataset_source(str(Path(path).resolve()))
-            dataset = MetaDataset(source, name=str(path), digest=dvc_md5(path)[:36])
-            tags = [InputTag("mlflow.data.context", context)]
-            self._client.log_inputs(self.run_id, datasets=[_dataset_input(dataset, tags)])
-
-        self._call("log_input", send)
+    def end(self, status: str) -> None:
+        if self.recording:
+            self._emit({"op": "end", "status": status, "end_time": int(time.time() * 1000)})
 
 
-def _dataset_input(dataset: Any, tags: list[Any]) -> Any:
-    from mlflow.entities import DatasetInput
-
-    return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags)
-
-
-def _reachable(uri: str) -> bool:
+def reachable(uri: str) -> bool:
     """A quick health probe for tracking servers (a file store is always 'reachable')."""
     if not uri.startswith(("http://", "https://")):
         return True
@@ -164,28 +188,187 @@ def _reachable(uri: str) -> bool:
         return False
 
 
+def process_start(pid: int) -> str | None:
+    """When process `pid` started, as an opaque string; None when it does not exist (or is a zombie).
+
+    Linux: field 22 of /proc/<pid>/stat (clock ticks since boot), exact and cheap. Elsewhere
+    psutil's create_time if installed, else "" (then only the pid's existence is checked).
+    """
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else fields[19]
+    except FileNotFoundError:
+        return None if Path("/proc/self/stat").exists() else _start_without_proc(pid)
+    except (OSError, IndexError):
+        return _start_without_proc(pid)
+
+
+def _start_without_proc(pid: int) -> str | None:
+    try:
+        import psutil
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except OSError:
+            pass  # exists, owned by someone else
+        return ""
+    try:
+        return f"{psutil.Process(pid).create_time():.3f}"
+    except psutil.Error:
+        return None
+
+
+def owner_tags() -> dict[str, str]:
+    """The `lmpipe.owner.*` tags naming this process."""
+    return {
+        TAG_OWNER_HOST: socket.gethostname(),
+        TAG_OWNER_PID: str(os.getpid()),
+        TAG_OWNER_START: process_start(os.getpid()) or "",
+    }
+
+
+def owner_alive(pid: int, start: str) -> bool:
+    """True when process `pid` on this host is still the one that started at `start`."""
+    now = process_start(pid)
+    return now is not None and (now == start or "" in (now, start))
+
+
+def close_orphans(client: Any, project: str) -> list[str]:
+    """Close this project's RUNNING runs whose owner on this host is gone as KILLED; their ids.
+
+    Runs of other hosts, and runs without owner tags, are left alone: nothing here can tell
+    whether their process still lives.
+    """
+    host = socket.gethostname()
+    query = (
+        f"attributes.status = 'RUNNING' and tags.`{TAG_PROJECT}` = '{_quoted(project)}'"
+        f" and tags.`{TAG_OWNER_HOST}` = '{_quoted(host)}'"
+    )
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    closed = []
+    for run in client.search_runs(experiments, filter_string=query, max_results=1000) if experiments else ():
+        tags = run.data.tags
+        pid = tags.get(TAG_OWNER_PID, "")
+        if not pid.isdigit() or owner_alive(int(pid), tags.get(TAG_OWNER_START, "")):
+            continue
+        reason = f"owner process {pid} on {host} ended without closing the run (found by pid {os.getpid()})"
+        client.set_tag(run.info.run_id, TAG_KILLED_REASON, reason)
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("closed orphaned MLflow run %s (%s) as KILLED: %s", run.info.run_id, run.info.run_name, reason)
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
 def _open_run(stage: str, tags: dict[str, str], experiment: str) -> Tracker:
-    uri = default_tracking_uri()
-    if not _reachable(uri):
-        warnings.warn(f"MLflow tracking server {uri} is not reachable; running untracked")
-        return Tracker()
+    uri, root = default_tracking_uri(), project_root()
+    start = {"op": "start", "experiment": experiment, "run_name": stage, "tags": tags, "start_time": _now_ms()}
+    if not reachable(uri):
+        return _offline(root, start, f"MLflow tracking server {uri} is not reachable")
     try:
         import mlflow
         from mlflow.tracking import MlflowClient
 
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
-        found = client.get_experiment_by_name(experiment)
-        exp_id = (
-            found.experiment_id
-            if found
-            else client.create_experiment(experiment, artifact_location=_artifact_location(uri))
-        )
-        run = client.create_run(exp_id, run_name=stage, tags=tags)
+        _housekeeping(client, uri, tags[TAG_PROJECT], root)
+        run = client.create_run(_experiment_id(client, experiment, uri), run_name=stage, tags=tags)
     except Exception as exc:
-        warnings.warn(f"MLflow store {uri} failed ({exc}); running untracked")
+        return _offline(root, start, f"MLflow store {uri} failed ({exc})")
+    tracker = Tracker(client, run.info.run_id)
+    tracker._spool_root = root
+    return tracker
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _offline(root: Path, start: dict[str, Any], why: str) -> Tracker:
+    """A tracker that journals the whole run to a new spool (or, if even that fails, does nothing)."""
+    spool = Spool(root)
+    try:
+        spool.write(start)
+    except Exception as exc:
+        warnings.warn(f"{why}; running untracked (and the spool {spool.path} failed: {exc})", stacklevel=3)
         return Tracker()
-    return Tracker(client, run.info.run_id)
+    warnings.warn(f"{why}; running untracked, journaled to {spool.path} (`lmpipe sync` sends it)", stacklevel=3)
+    return Tracker(spool=spool)
+
+
+def _experiment_id(client: Any, experiment: str, uri: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+
+
+def _housekeeping(client: Any, uri: str, project: str, root: Path) -> None:
+    """Before a stage opens its run: send what earlier runs spooled, then close orphaned runs."""
+    try:
+        sync_spool(client, uri, root)
+    except Exception as exc:  # housekeeping: never a reason to run untracked
+        warnings.warn(f"MLflow: replaying the spool in {spool_dir(root)} failed ({exc}); it is kept")
+    try:
+        close_orphans(client, project)
+    except Exception as exc:
+        warnings.warn(f"MLflow: closing orphaned runs failed ({exc})")
+
+
+def sync_spool(client: Any, uri: str, root: str | os.PathLike) -> list[str]:
+    """Replay every finished spool under `root` into the store, once; the ids of the runs sent to.
+
+    A spool still being written (no `end` record, its process alive on this host) is left alone;
+    one whose process died without an `end` closes its run as KILLED. A replayed spool is removed.
+    """
+    sent = []
+    for path in sorted(spool_dir(root).glob("*.jsonl")):
+        records = read_spool(path)
+        ended = bool(records) and records[-1]["op"] == "end"
+        head = records[0] if records else {}
+        owner = head.get("owner") or head.get("tags") or {}  # attach: owner; start: the run's owner tags
+        pid = str(owner.get(TAG_OWNER_PID, ""))
+        mine = owner.get(TAG_OWNER_HOST) == socket.gethostname() and pid.isdigit()
+        if not ended and mine and owner_alive(int(pid), owner.get(TAG_OWNER_START, "")):
+            continue
+        files = path.with_suffix("")
+        if records:
+            run_id = _spool_target(client, uri, records[0], path.stem)
+            for record in records[1:]:
+                apply(client, run_id, record, files)
+            _close_replayed(client, run_id, records[-1] if ended else None)
+            sent.append(run_id)
+            log.info("sent spooled run %s (%s) to %s", run_id, path.name, uri)
+        path.unlink()
+        shutil.rmtree(files, ignore_errors=True)
+    return sent
+
+
+def _spool_target(client: Any, uri: str, head: dict[str, Any], local_id: str) -> str:
+    """The run a spool's records go to: the attached one, the one an earlier replay made, or a new one."""
+    if head["op"] == "attach":
+        return client.get_run(head["run_id"]).info.run_id
+    exp_id = _experiment_id(client, head["experiment"], uri)
+    query = f"tags.`{TAG_SPOOL_ID}` = '{local_id}'"
+    found = client.search_runs([exp_id], filter_string=query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {**head["tags"], TAG_SPOOL_ID: local_id}
+    return client.create_run(exp_id, start_time=head["start_time"], tags=tags, run_name=head["run_name"]).info.run_id
+
+
+def _close_replayed(client: Any, run_id: str, end: dict[str, Any] | None) -> None:
+    if end is None:
+        reason = "its process ended while the store was unreachable, without closing the run (replayed from the spool)"
+        client.set_tag(run_id, TAG_KILLED_REASON, reason)
+        client.set_terminated(run_id, "KILLED")
+    elif end["status"] != "KILLED" and TAG_KILLED_REASON in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, TAG_KILLED_REASON)  # closed as an orphan meanwhile; the spool knows better
 
 
 def _resources(started: float) -> dict[str, float]:
@@ -240,6 +423,7 @@ def stage_run(
         TAG_PROJECT: project_root().name,
         "mlflow.source.name": f"stages/{stage.split('@')[0]}",
         TAG_GIT_DIRTY: str(git["dirty"]),
+        **owner_tags(),
         **_hash_tags("dep", list(inputs), cwd),
         **(extra_tags or {}),
     }
@@ -260,18 +444,19 @@ def stage_run(
     try:
         yield tracker
         status = "FINISHED"
-    except (Terminated, KeyboardInterrupt):
+    except (Terminated, KeyboardInterrupt) as exc:
         status = "KILLED"
+        tracker.set_tags({TAG_KILLED_REASON: f"stopped: {exc or 'interrupted'}"})
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        if tracker.active:
+        if tracker.recording:
             tracker.log_metrics(_resources(started))
             tracker.flush()
             if status == "FINISHED":
                 tracker.set_tags(_hash_tags("out", list(outputs), cwd))
-            tracker._call("set_terminated", lambda: tracker._client.set_terminated(tracker.run_id, status))
+            tracker.end(status)
 
 
 def _main_thread() -> bool:

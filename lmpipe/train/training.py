@@ -34,6 +34,8 @@ states (torch, numpy, python, cuda) and partial log window, the step, the best s
 counter, the curve rows so far and a fingerprint. The fingerprint is the caller's `fingerprint`
 (a hash of its params and inputs) combined with the TrainConfig and world size: a checkpoint
 with another fingerprint is ignored (and overwritten at the next checkpoint), never resumed.
+Its sha256 sits beside it (`checkpoint.pt.sha256`); a checkpoint whose bytes do not match
+(truncated, bit-flipped, or without a hash) is logged in one line and training starts clean.
 A resumed run yields byte-identical weights to an uninterrupted one on the same machine; a
 finished run's checkpoint makes a rerun return at once with the same result. SIGTERM (a kill
 from DVC, torchrun or a scheduler) ends training at the next step boundary with a checkpoint
@@ -68,13 +70,15 @@ import torch
 from tqdm import tqdm
 
 from lmpipe.core.errors import LmpipeError, Terminated
-from lmpipe.core.io import atomic_file
+from lmpipe.core.io import atomic_file, write_text
+from lmpipe.core.lineage import file_sha256
 from lmpipe.train import distributed, flops
 
 log = logging.getLogger("lmpipe.train.training")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FINISHED_FILE = "finished.json"
+HASH_SUFFIX = ".sha256"  # checkpoint.pt.sha256, in `sha256sum` format, written after each checkpoint
 CHECKPOINT_FORMAT = 2  # 2: the loop state stored whole (LoopState); format 1 checkpoints are not resumed
 TRAIN_COLUMNS = ("step", "loss", "lr", "grad_norm")  # train_curve.csv: the same bytes on every rerun
 PERF_COLUMNS = ("step", "tokens_per_s", "mfu")  # perf_curve.csv: what the machine decides
@@ -322,23 +326,46 @@ def _fmt(value: Any) -> str:
 
 # --------------------------------------------------------------------------- checkpoints
 def load_checkpoint(checkpoint_dir: Path | None, fingerprint: str, quiet: bool = False) -> dict[str, Any] | None:
-    """The checkpoint in `checkpoint_dir` if its fingerprint matches, else None (logged unless quiet)."""
+    """The checkpoint in `checkpoint_dir` if it is intact and its fingerprint matches, else None.
+
+    Intact: its sha256 equals the one in `checkpoint.pt.sha256` (written after it by `_Run.save`),
+    checked before `torch.load`, so a truncated or bit-flipped file (a full disk, a bad copy) is
+    never unpickled nor resumed from. A rejected checkpoint is logged in one line (unless quiet)
+    and training starts clean; the file is overwritten at the next checkpoint.
+    """
     if checkpoint_dir is None:
         return None
     path = Path(checkpoint_dir) / CHECKPOINT_FILE
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unreadable: treat as absent; it is overwritten at the next checkpoint
+    problem = checkpoint_problem(path)
+    if problem is None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # intact bytes that still do not load (another torch, another format)
+            problem = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    if problem is not None:
         if not quiet:
-            log.warning("ignoring unreadable checkpoint %s (%s)", path, exc)
+            log.warning("ignoring checkpoint %s: %s; training starts from step 0", path, problem)
         return None
     if state.get("fingerprint") != fingerprint:
         if not quiet:
             log.info("ignoring checkpoint %s: it belongs to another configuration or input", path)
         return None
     return state
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted (no hash, or another hash), or None."""
+    hash_path = path.with_name(path.name + HASH_SUFFIX)
+    try:
+        expected = hash_path.read_text(encoding="utf-8").split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        return f"its hash file {hash_path.name} is missing or empty (a checkpoint written without one)"
+    actual = file_sha256(path)
+    if actual != expected:
+        return f"its sha256 {actual[:16]}... differs from {hash_path.name} ({expected[:16]}...): truncated or corrupt"
+    return None
 
 
 def finish_checkpoint(checkpoint_dir: str | Path, steps: int) -> None:
@@ -355,6 +382,7 @@ def finish_checkpoint(checkpoint_dir: str | Path, steps: int) -> None:
     with atomic_file(folder / FINISHED_FILE) as tmp:
         tmp.write_text(json.dumps({"finished": True, "steps": int(steps)}, sort_keys=True) + "\n")
     (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+    (folder / (CHECKPOINT_FILE + HASH_SUFFIX)).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -673,8 +701,12 @@ class _Run:
             **state.to_checkpoint(),
         }
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self.checkpoint_dir / CHECKPOINT_FILE) as tmp:
+        path = self.checkpoint_dir / CHECKPOINT_FILE
+        with atomic_file(path) as tmp:
             torch.save(payload, tmp)
+            digest = file_sha256(tmp)
+        # after the checkpoint: a kill in between leaves a mismatch, read as "start clean", never garbage
+        write_text(path.with_name(path.name + HASH_SUFFIX), f"{digest}  {path.name}\n")
 
     def result(
         self, state: LoopState, resumed_from: int, curves_dir: str | Path | None, perf_curve: str | Path | None

@@ -103,3 +103,122 @@ def test_only_rank_zero_logs(tracking_uri, params, tmp_path, monkeypatch):
     with stage_run("pretrain", params) as t:
         assert not t.active
     assert MlflowClient(tracking_uri).get_experiment_by_name("lmpipe") is None
+
+
+def _stage_script(project_root, stage):
+    return textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(project_root)!r})
+        from lmpipe.core.tracking import stage_run
+        with stage_run({stage!r}):
+            print("ready", flush=True)
+            time.sleep(60)
+        """
+    )
+
+
+def test_next_stage_closes_the_run_of_a_sigkilled_stage_as_killed(tracking_uri, project_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _stage_script(project_root, "pretrain")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        orphan = _only_run(tracking_uri)
+    finally:
+        proc.kill()
+        proc.stdout.close()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert orphan.data.tags["lmpipe.owner.pid"] == str(proc.pid)
+    assert orphan.data.tags["lmpipe.owner.host"] and orphan.data.tags["lmpipe.owner.start"]
+    with stage_run("finetune"):
+        pass
+    client = MlflowClient(tracking_uri)
+    old = client.get_run(orphan.info.run_id)
+    assert old.info.status == "KILLED" and old.info.end_time
+    assert f"owner process {proc.pid}" in old.data.tags["lmpipe.killed_reason"]
+
+
+def test_runs_of_live_owners_and_other_hosts_stay_running(tracking_uri, tmp_path, monkeypatch):
+    from lmpipe.core.tracking import owner_tags
+
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("lmpipe")
+    project = {"lmpipe.project": tmp_path.name}
+    mine = client.create_run(exp, tags={**project, **owner_tags()}).info.run_id
+    elsewhere = {**owner_tags(), "lmpipe.owner.host": "another-host", "lmpipe.owner.pid": "999999999"}
+    other = client.create_run(exp, tags={**project, **elsewhere}).info.run_id
+    reused = client.create_run(exp, tags={**project, **owner_tags(), "lmpipe.owner.start": "1"}).info.run_id
+    with stage_run("baseline"):
+        pass
+    assert client.get_run(mine).info.status == "RUNNING"
+    assert client.get_run(other).info.status == "RUNNING"
+    assert client.get_run(reused).info.status == "KILLED"  # same pid, another start time: a reused pid
+
+
+def _spooled(tmp_path):
+    return sorted((tmp_path / ".lmpipe" / "spool").glob("*.jsonl"))
+
+
+def test_a_store_down_at_start_loses_nothing_and_one_sync_sends_it_once(params, tmp_path, monkeypatch, capsys):
+    from lmpipe.cli.main import main as lmpipe
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens
+    (tmp_path / "report.md").write_text("# report\n")
+    with pytest.warns(UserWarning, match="not reachable; running untracked, journaled to"):
+        with stage_run("baseline", params, sections=("baseline",), outputs=("report.md",)) as t:
+            for step in range(3):
+                t.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+            t.log_artifact(tmp_path / "report.md", "reports")
+            t.log_dict({"a": 1}, "extra/d.json")
+    (tmp_path / "report.md").write_text("changed after the stage\n")  # the spool kept its own copy
+    [journal] = _spooled(tmp_path)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert lmpipe(["sync"]) == 0 and "sent 1 spooled run(s)" in capsys.readouterr().out
+    assert _spooled(tmp_path) == [] and not journal.with_suffix("").exists()
+    run = _only_run(uri)
+    assert run.info.status == "FINISHED" and run.info.end_time >= run.info.start_time
+    assert run.data.tags["lmpipe.stage"] == "baseline" and run.data.tags["lmpipe.spool_id"] == journal.stem
+    assert run.data.params["baseline.max_features"] == str(params.baseline.max_features)
+    assert run.data.tags["dvc.out.report.md"] and "stage_seconds" in run.data.metrics
+    client = MlflowClient(uri)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
+    local = client.download_artifacts(run.info.run_id, "reports/report.md", str(tmp_path / "dl"))
+    assert open(local).read() == "# report\n"
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id)) == ["extra", "reports"]
+
+    assert lmpipe(["sync"]) == 0 and "nothing to sync" in capsys.readouterr().out
+    _only_run(uri)  # still one run
+
+
+def test_a_spool_replay_cut_short_and_repeated_makes_no_second_run(params, tmp_path, monkeypatch):
+    from lmpipe.core.tracking import sync_spool
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    with pytest.warns(UserWarning, match="journaled"):
+        with stage_run("baseline", params) as t:
+            t.log_metrics({"acc": 0.5}, step=1)
+    [journal] = _spooled(tmp_path)
+    copy = journal.read_bytes()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    first = sync_spool(client, uri, tmp_path)
+    journal.write_bytes(copy)  # as if the first replay died before removing its journal
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with stage_run("evaluate", params):  # the next stage that reaches the store replays it
+        pass
+    assert _spooled(tmp_path) == []
+    runs = client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])
+    assert sorted(r.data.tags["lmpipe.stage"] for r in runs) == ["baseline", "evaluate"]
+    assert [r.info.run_id for r in runs if r.data.tags["lmpipe.stage"] == "baseline"] == first

@@ -484,3 +484,45 @@ def test_lr_scales_put_matching_parameters_in_groups_at_a_multiple_of_the_lr():
     scheduler.step()  # the schedule multiplies every group's own lr
     ratio = training.lr_factor(1, config)
     assert by_lr and all(g["lr"] == pytest.approx(1e-3 * g["lr_scale"] * ratio) for g in optimizer.param_groups)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _drop_hash(path):
+    path.with_name(path.name + ".sha256").unlink()
+
+
+@pytest.mark.parametrize("corrupt", [_truncate, _flip_one_byte, _drop_hash])
+def test_corrupt_checkpoint_is_named_in_one_line_and_training_starts_clean(tmp_path, caplog, corrupt):
+    cfg = config(max_steps=9)
+
+    def crash_at_step_7(step, micro, rank, world):
+        if step == 7:
+            raise RuntimeError("simulated crash")
+        return regression_batch(step, micro, rank, world)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(regression_model(), cfg, tmp_path, batch_at=crash_at_step_7)
+    checkpoint = tmp_path / training.CHECKPOINT_FILE
+    assert (tmp_path / "checkpoint.pt.sha256").read_text().split() == [
+        training.file_sha256(checkpoint),
+        "checkpoint.pt",
+    ]
+    corrupt(checkpoint)
+    with caplog.at_level("WARNING", logger="lmpipe.train.training"):
+        rerun = run(regression_model(), cfg, tmp_path)
+    assert rerun.resumed_from == 0 and rerun.steps == 9
+    assert state_bytes(rerun.state) == state_bytes(run(regression_model(), cfg).state)
+    named = [r.getMessage() for r in caplog.records if str(checkpoint) in r.getMessage()]
+    assert len(named) == 1 and "training starts from step 0" in named[0] and "\n" not in named[0]
+    assert training.checkpoint_problem(checkpoint) is None  # rewritten intact by the clean run
+    training.finish_checkpoint(tmp_path, steps=9)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["finished.json"]
