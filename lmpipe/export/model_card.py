@@ -456,8 +456,7 @@ def _parity_section(c: _Card) -> list[str]:
     if c.quantized:
         lines.append(_parity_row(c, "onnx int8", "int8", "onnx/model.int8.onnx"))
     lines.append(
-        "\nLatency per backend is in `reports/perf/export.json` "
-        "(it varies run to run, so it stays out of this card).\n"
+        "\nLatency per backend is in `reports/perf/export.json` (it varies run to run, so it stays out of this card).\n"
     )
     return lines
 
