@@ -415,14 +415,32 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     from ruamel.yaml import YAMLError
 
     try:
-        raw = load_yaml(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        raw = load_yaml(text)
     except FileNotFoundError:
         raise LmpipeError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     except YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise LmpipeError(f"{path}: not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None and all(not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()):
+        raise LmpipeError(f"{path}: file is empty")
     return parse_params(raw, str(path))
+
+
+def _not_utf8(path: Path) -> LmpipeError:
+    """The one-line error for a params file that is not UTF-8, naming the line and byte."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        return LmpipeError(
+            f"{path}: line {line} (byte {exc.start}): not valid UTF-8 (0x{data[exc.start]:02x}); save the file as UTF-8"
+        )
+    return LmpipeError(f"{path}: not valid UTF-8; save the file as UTF-8")  # pragma: no cover (changed meanwhile)
 
 
 def unset_keys(raw: Any, model: type[BaseModel] = Params, prefix: str = "") -> list[str]:

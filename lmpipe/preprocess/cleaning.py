@@ -26,6 +26,7 @@ import html
 import io
 import json
 import logging
+import numbers
 import re
 import unicodedata
 from collections.abc import Callable
@@ -62,6 +63,7 @@ class Raw:
     excluded: int = 0
     decode_fallbacks: int = 0
     labels: list[str] | None = None  # the manifest's label set, if it declares one
+    name: str = "the data"  # the file or folder the rows come from, for errors about all of them
 
 
 def read_manifest(raw_dir: str | Path) -> dict[str, Any]:
@@ -69,7 +71,16 @@ def read_manifest(raw_dir: str | Path) -> dict[str, Any]:
     path = Path(raw_dir) / MANIFEST
     if not path.is_file():
         raise LmpipeError(f"{path} not found: run the fetch stage first (dvc repro fetch)")
-    manifest = read_json(path)
+    try:
+        manifest = read_json(path)
+    except json.JSONDecodeError as exc:
+        raise LmpipeError(
+            f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno}); run the fetch stage again"
+        ) from None
+    except UnicodeDecodeError:
+        raise LmpipeError(f"{path}: not valid UTF-8 JSON; run the fetch stage again") from None
+    if not isinstance(manifest, dict):
+        raise LmpipeError(f"{path}: expected a JSON object, got a {type(manifest).__name__}")
     for key in MANIFEST_KEYS:
         if key not in manifest:
             raise LmpipeError(f"{path}: missing key {key!r}")
@@ -231,6 +242,8 @@ def _read_table(path: Path, name: str, manifest: dict[str, Any]) -> tuple[pd.Dat
 
 def _read_text_folders(folder: Path, name: str, trusted: bool) -> tuple[pd.DataFrame, list[str], int]:
     """One row per `<label>/<file>.txt`, labels and files in sorted order."""
+    if folder.is_file():
+        raise LmpipeError(f"{name}: is a file where a folder is expected")
     if not folder.is_dir():
         raise LmpipeError(f"{name}: folder not found")
     texts, labels, files, fallbacks = [], [], [], 0
@@ -256,6 +269,32 @@ def _require_column(frame: pd.DataFrame, column: str | None, role: str, name: st
         raise LmpipeError(f"{name}: no {role} column {column!r}{key}; columns are {columns}")
 
 
+def _is_missing(value: Any) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def _check_values(column: pd.Series, role: str, where: Callable[[int], str]) -> None:
+    """A text column must hold strings, a label column strings or numbers (a missing value passes:
+    it reads as ''); the first value that does not is named with its row. A list, a mapping or
+    bytes would otherwise be stringified into a text or a label such as '[1 2]'."""
+    if role == "label" and column.dtype.kind in "biuf":
+        return
+    allowed = (str,) if role == "text" else (str, numbers.Number, np.bool_)
+    values = column.to_numpy(dtype=object)
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, allowed) and not _is_missing(v)), None)
+    if bad is None:
+        return
+    value = values[bad]
+    kind = "list" if isinstance(value, (list, tuple, np.ndarray)) else type(value).__name__
+    shown = " ".join(repr(value).split())[:60]
+    need = "strings" if role == "text" else "strings or numbers"
+    article = "an" if kind[0] in "aeiou" else "a"
+    raise LmpipeError(
+        f"{where(bad)}: {role} column {column.name!r} holds {article} {kind} ({shown}); "
+        f"a {role} column must hold {need}"
+    )
+
+
 def load_raw(raw_dir: str | Path, manifest: dict[str, Any] | None = None) -> Raw:
     """Read the labeled rows of data/raw through its manifest, exclusions applied."""
     raw_dir = Path(raw_dir)
@@ -263,11 +302,13 @@ def load_raw(raw_dir: str | Path, manifest: dict[str, Any] | None = None) -> Raw
     fmt, trusted = manifest["format"], manifest["package"] is not None
     path = raw_dir / manifest["file"]
     name = (raw_dir / manifest["file"]).as_posix()
+    if fmt != "text_folders" and path.is_dir():
+        raise LmpipeError(f"{name}: is a folder where a file is expected (named by {raw_dir / MANIFEST})")
     if fmt != "text_folders" and not path.is_file():
         raise LmpipeError(f"{name}: file not found (named by {raw_dir / MANIFEST})")
     if fmt == "text_folders":
         frame, files, fallbacks = _read_text_folders(path, name, trusted)
-        raw = Raw(frame, files.__getitem__, len(frame), decode_fallbacks=fallbacks)
+        raw = Raw(frame, files.__getitem__, len(frame), decode_fallbacks=fallbacks, name=name)
         raw.labels = manifest["labels"]
         return raw
 
@@ -281,18 +322,19 @@ def load_raw(raw_dir: str | Path, manifest: dict[str, Any] | None = None) -> Raw
         _require_column(frame, column, "exclude", name, manifest["source"])
         keep &= ~frame[column].astype(str).isin([str(v) for v in values]).to_numpy()
     positions = np.flatnonzero(keep)
-    out = pd.DataFrame(
-        {
-            "text": _as_strings(frame[text_col].iloc[positions]),
-            "label": _as_strings(frame[label_col].iloc[positions]),
-        },
-        dtype=object,
-    )  # object, not pandas' arrow strings: no second copy of every text
 
     def where(i: int) -> str:
         return row(int(positions[i]))
 
-    return Raw(out, where, rows_in, int(rows_in - len(positions)), fallbacks, manifest["labels"])
+    texts, labels = frame[text_col].iloc[positions], frame[label_col].iloc[positions]
+    _check_values(texts, "text", where)
+    _check_values(labels, "label", where)
+    # Labels stripped: ' positive' is 'positive', and '   ' is an empty label (an error).
+    out = pd.DataFrame(
+        {"text": _as_strings(texts), "label": np.array([v.strip() for v in _as_strings(labels)], dtype=object)},
+        dtype=object,
+    )  # object, not pandas' arrow strings: no second copy of every text
+    return Raw(out, where, rows_in, int(rows_in - len(positions)), fallbacks, manifest["labels"], name)
 
 
 def declared_labels(raw: Raw, labels: list[str] | None) -> list[str]:
@@ -320,6 +362,16 @@ def check_labels(raw: Raw, labels: list[str]) -> None:
         what = "label is empty" if value == "" else f"label {value!r} is not one of {labels}"
         more = f" ({int(bad.sum())} rows like this; preprocess.labels sets the allowed labels)"
         raise LmpipeError(f"{raw.where(first)}: {what}{more}")
+
+
+def check_texts(raw: Raw) -> None:
+    """No text may hold a NUL byte (a binary file, or a field cut by a broken export); the first
+    row that does is named."""
+    bad = np.fromiter(("\x00" in t for t in raw.frame["text"]), dtype=bool, count=len(raw.frame))
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        more = f" ({int(bad.sum())} rows like this)" if bad.sum() > 1 else ""
+        raise LmpipeError(f"{raw.where(first)}: text holds a NUL byte (\\x00){more}; is this a text file?")
 
 
 # --------------------------------------------------------------------------- cleaning
@@ -470,36 +522,69 @@ def split_stats(split: pd.DataFrame, labels: list[str], before_cap: int) -> dict
     }
 
 
-def prepare(raw: Raw, params: Any, seed: int) -> Prepared:
-    """Validate labels, clean, filter, deduplicate, split (stratified, seeded) and cap."""
-    labels = declared_labels(raw, params.labels)
-    check_labels(raw, labels)
-    cleaned = [clean_text(t) for t in raw.frame["text"]]
-    frame = pd.DataFrame({"text": cleaned, "label": raw.frame["label"].to_numpy()}, dtype=object)
-    frame, dropped = filter_rows(frame, params.min_chars, params.max_chars, params.length_unit)
-    dropped = {"excluded": raw.excluded, **dropped}
+def _check_rows_left(raw: Raw, frame: pd.DataFrame, dropped: dict[str, int]) -> None:
+    """Enough filtered rows for three splits, and at least two labels among them."""
     if frame.empty:
         raise LmpipeError(
-            f"no rows left after cleaning and filtering ({raw.rows_in} read, dropped {dropped}); "
+            f"{raw.name}: no rows left after cleaning and filtering ({raw.rows_in} read, dropped {dropped}); "
             f"lower preprocess.min_chars or raise preprocess.max_chars (for Chinese or Japanese text, "
             f"preprocess.length_unit: words counts a character as a word)"
         )
-    ids = frame["label"].map({lab: i for i, lab in enumerate(labels)}).to_numpy(dtype=np.int64)
-    parts = stratified_split(ids, len(labels), params.val_fraction, params.test_fraction, seed)
-    caps = {"train": params.max_train, "val": params.max_val, "test": params.max_test}
+    lost = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in dropped.items() if n)
+    if len(frame) < len(SPLITS) and lost:
+        raise LmpipeError(
+            f"{raw.name}: only {len(frame)} of {raw.rows_in} rows left after cleaning and filtering "
+            f"(dropped: {lost}); the train, val and test splits need at least {len(SPLITS)} distinct texts"
+        )
+    present = frame["label"].unique()
+    if len(present) == 1:
+        raise LmpipeError(
+            f"{raw.name}: only one label, {present[0]!r}, in the {len(frame)} rows left after filtering; "
+            f"a classifier needs at least two"
+        )
+
+
+def _check_splits(raw: Raw, parts: dict[str, list[np.ndarray]], labels: list[str], rows_left: int) -> None:
+    """Every split holds rows (before caps), and so does every label that has rows at all."""
     hints = {
         "train": "lower preprocess.val_fraction / test_fraction",
         "val": "raise preprocess.val_fraction",
         "test": "raise preprocess.test_fraction",
     }
+    for name in SPLITS:
+        if sum(len(p) for p in parts[name]) == 0:
+            raise LmpipeError(
+                f"{raw.name}: split {name!r} is empty after filtering ({rows_left} rows left); "
+                f"{hints[name]} or lower preprocess.min_chars"
+            )
+    for index, label in enumerate(labels):
+        sizes = {name: len(parts[name][index]) for name in SPLITS}
+        total = sum(sizes.values())
+        if total and 0 in sizes.values():
+            where = ", ".join(f"{name} {n}" for name, n in sizes.items())
+            raise LmpipeError(
+                f"{raw.name}: label {label!r} has only {total} row{'s' * (total != 1)} after filtering, too few "
+                f"to reach every split ({where}); add rows of it or leave it out of the data"
+            )
+
+
+def prepare(raw: Raw, params: Any, seed: int) -> Prepared:
+    """Validate labels, clean, filter, deduplicate, split (stratified, seeded) and cap."""
+    labels = declared_labels(raw, params.labels)
+    check_texts(raw)
+    check_labels(raw, labels)
+    cleaned = [clean_text(t) for t in raw.frame["text"]]
+    frame = pd.DataFrame({"text": cleaned, "label": raw.frame["label"].to_numpy()}, dtype=object)
+    frame, dropped = filter_rows(frame, params.min_chars, params.max_chars, params.length_unit)
+    dropped = {"excluded": raw.excluded, **dropped}
+    _check_rows_left(raw, frame, dropped)
+    ids = frame["label"].map({lab: i for i, lab in enumerate(labels)}).to_numpy(dtype=np.int64)
+    parts = stratified_split(ids, len(labels), params.val_fraction, params.test_fraction, seed)
+    _check_splits(raw, parts, labels, len(frame))
+    caps = {"train": params.max_train, "val": params.max_val, "test": params.max_test}
     splits, stats = {}, {}
     for index, name in enumerate(SPLITS):
         sizes = [len(p) for p in parts[name]]
-        if sum(sizes) == 0:
-            raise LmpipeError(
-                f"split {name!r} is empty after filtering ({len(frame)} rows left); "
-                f"{hints[name]} or lower preprocess.min_chars"
-            )
         quotas = cap_quotas(sizes, caps[name])
         rows = np.concatenate([p[:q] for p, q in zip(parts[name], quotas)])
         # Own generator per split: capping train never reorders val or test.

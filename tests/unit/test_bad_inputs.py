@@ -25,16 +25,6 @@ from lmpipe.preprocess import cleaning
 LABELS = ["negative", "positive"]
 
 
-def cleaning_fix(why: str) -> pytest.MarkDecorator:
-    """A case lmpipe/preprocess/cleaning.py does not handle yet (that file had another owner when written)."""
-    return pytest.mark.xfail(strict=True, reason=f"needs a fix in lmpipe/preprocess/cleaning.py: {why}")
-
-
-def params_fix(why: str) -> pytest.MarkDecorator:
-    """A case lmpipe/core/params.py does not handle yet (that file had another owner when written)."""
-    return pytest.mark.xfail(strict=True, reason=f"needs a fix in lmpipe/core/params.py: {why}")
-
-
 def write_raw(raw: Path, body: bytes | str, name: str = "d.csv", fmt: str = "csv", **manifest) -> Path:
     """A raw folder as the fetch stage leaves it for a user file: the file plus manifest.json."""
     raw.mkdir(parents=True, exist_ok=True)
@@ -92,7 +82,6 @@ def test_utf8_bom_is_accepted_and_not_part_of_the_first_column_name(tmp_path):
     assert pd.read_parquet(tmp_path / "processed" / "train.parquet").columns.tolist() == ["text", "label"]
 
 
-@cleaning_fix("a NUL byte is kept in the text; load_raw should name the row")
 def test_nul_byte_in_a_text_names_the_row(tmp_path):
     body = rows() + "a review with a \x00 inside,positive\n"
     message = bad_data(tmp_path, body)
@@ -110,31 +99,26 @@ def test_empty_label_in_a_user_file_names_the_row(tmp_path):
     assert "raw/d.csv row 42: label is empty" in bad_data(tmp_path, rows() + "a review without a label,\n")
 
 
-@cleaning_fix("'   ' becomes a label of its own; labels should be stripped before the empty check")
 def test_whitespace_only_label_names_the_row(tmp_path):
     assert "raw/d.csv row 42: label is empty" in bad_data(tmp_path, rows() + "a review without a label,   \n")
 
 
-@cleaning_fix("one label passes and a 1-class classifier is trained later")
 def test_a_single_class_names_the_label_and_the_file(tmp_path):
     message = bad_data(tmp_path, rows(labels=["positive"]))
     assert "raw/d.csv" in message and "'positive'" in message and "one label" in message
 
 
-@cleaning_fix("a label with fewer rows than splits is not checked; it lands in val/test only")
 def test_a_label_too_rare_to_reach_train_names_the_label(tmp_path):
     message = bad_data(tmp_path, rows() + "the one neutral review here,neutral\n")
     assert "'neutral'" in message and "train" in message
 
 
-@cleaning_fix("the error blames preprocess.val_fraction instead of the duplicates and names no file")
 def test_all_rows_duplicates_names_the_file(tmp_path):
     body = "text,label\n" + "the very same review text,positive\n" * 50
     message = bad_data(tmp_path, body)
     assert "raw/d.csv" in message or "duplicate" in message
 
 
-@cleaning_fix("ints are read as texts '0'..'39', then all dropped as too short, blaming min_chars")
 def test_parquet_with_a_numeric_text_column_names_the_column(tmp_path):
     frame = pd.DataFrame({"text": list(range(40)), "label": ["positive", "negative"] * 20})
     message = bad_data(
@@ -143,7 +127,6 @@ def test_parquet_with_a_numeric_text_column_names_the_column(tmp_path):
     assert "raw/d.parquet" in message and "'text'" in message
 
 
-@cleaning_fix("a list column is stringified into labels such as '[1 2]'")
 def test_parquet_with_a_list_label_column_names_the_column(tmp_path):
     frame = pd.DataFrame({"text": [f"review {i} of the film" for i in range(40)], "label": [[1, 2]] * 40})
     message = bad_data(
@@ -152,7 +135,6 @@ def test_parquet_with_a_list_label_column_names_the_column(tmp_path):
     assert "raw/d.parquet" in message and "'label'" in message
 
 
-@cleaning_fix("says 'file not found' for a folder")
 def test_a_directory_where_the_data_file_is_expected_is_named(tmp_path):
     message = bad_data(tmp_path, None, prepare=lambda raw: (raw / "d.csv").mkdir())
     assert "raw/d.csv" in message and "folder" in message
@@ -162,7 +144,6 @@ def test_blank_lines_only_is_an_empty_file(tmp_path):
     assert "raw/d.csv: file is empty" in bad_data(tmp_path, "\n\n  \n\n")
 
 
-@cleaning_fix("read_manifest lets json.JSONDecodeError through")
 def test_manifest_that_is_not_json_is_named(tmp_path):
     message = bad_data(tmp_path, rows(), prepare=lambda raw: (raw / "manifest.json").write_text("{not json"))
     assert "raw/manifest.json" in message and "JSON" in message
@@ -189,12 +170,10 @@ def shipped(project_root) -> str:
     return (project_root / "params.yaml").read_text(encoding="utf-8")
 
 
-@params_fix("says 'expected a mapping of sections, got NoneType' instead of 'file is empty'")
 def test_empty_params_file_is_named(tmp_path):
     assert bad_params(tmp_path, "").endswith(": file is empty")
 
 
-@params_fix("says 'expected a mapping of sections, got NoneType' instead of 'file is empty'")
 def test_comments_only_params_file_is_named(tmp_path):
     assert bad_params(tmp_path, "# nothing here yet\n").endswith(": file is empty")
 
@@ -223,7 +202,6 @@ def test_a_null_section_names_the_section(tmp_path, shipped):
     assert "preprocess" in bad_params(tmp_path, yaml.safe_dump(raw))
 
 
-@params_fix("load_params lets UnicodeDecodeError through")
 def test_non_utf8_params_file_is_named(tmp_path, shipped):
     message = bad_params(tmp_path, shipped.encode() + "# r\xe9sum\xe9\n".encode("latin-1"))
     assert "line 1" in message.split(": ", 1)[1] or "UTF-8" in message.split(": ", 1)[1]
