@@ -146,5 +146,19 @@ def load_yaml(text: str) -> Any:
     return YAML(typ="safe", pure=True).load(text)
 
 
+def jsonl_record(line: str, where: str) -> dict[str, Any] | None:
+    """One line of a JSON Lines file as its object; None for a blank line; errors name `where` (file line N)."""
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise LmpipeError(f"{where}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise LmpipeError(f"{where}: expected one JSON object per line, got a {type(record).__name__}")
+    return record
+
+
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lmpipe.core.errors import LmpipeError
-from lmpipe.core.io import write_json
+from lmpipe.core.io import jsonl_record, write_json
 
 log = logging.getLogger("lmpipe.fetch.sources")
 
@@ -282,17 +282,9 @@ def jsonl_keys(path: Path) -> list[str]:
     """The keys of the first record of a JSON Lines file (blank lines skipped)."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, 1):
-            line = raw.decode("utf-8-sig", errors="replace").strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LmpipeError(f"{path} line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-            if not isinstance(record, dict):
-                kind = type(record).__name__
-                raise LmpipeError(f"{path} line {number}: expected one JSON object per line, got a {kind}")
-            return list(record)
+            record = jsonl_record(raw.decode("utf-8-sig", errors="replace"), f"{path} line {number}")
+            if record is not None:
+                return list(record)
     raise LmpipeError(f"{path}: file is empty")
 
 

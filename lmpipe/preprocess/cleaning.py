@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from lmpipe.core.errors import LmpipeError
-from lmpipe.core.io import atomic_dir, read_json, write_json
+from lmpipe.core.io import atomic_dir, jsonl_record, read_json, write_json
 
 log = logging.getLogger("lmpipe.preprocess.cleaning")
 
@@ -209,16 +209,9 @@ def _read_jsonl(path: Path, name: str) -> tuple[pd.DataFrame, np.ndarray]:
     text = decode(path.read_bytes(), name, trusted=False)[0]  # a user's file: UTF-8 or an error
     records, lines = [], []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a text
-        line = line.strip()
-        if not line:
+        record = jsonl_record(line, f"{name} line {number}")
+        if record is None:
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LmpipeError(f"{name} line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-        if not isinstance(record, dict):
-            kind = type(record).__name__
-            raise LmpipeError(f"{name} line {number}: expected one JSON object per line, got a {kind}")
         records.append(record)
         lines.append(number)
     if not records:
