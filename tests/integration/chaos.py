@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import random
 import re
@@ -44,6 +45,7 @@ from tests.integration.conftest import copy_project, env
 TRAINING_STAGES = ("pretrain", "finetune@scratch", "finetune@random")
 COMPARED = ("models/", "data/")  # reports/ and checkpoints/ hold timings and markers
 EXPORT, RECORD_FILES = "models/export", ("lineage.json", "README.md")
+RWLOCK = ".dvc/tmp/rwlock"
 POLL_S = 0.05
 WAIT_S = 600.0  # ends a wait for a kill point that never comes (the run then goes on to the end)
 
@@ -124,7 +126,27 @@ class Kill:
     returncode: int | None  # of the killed `dvc repro`: -9 is SIGKILL
     on_disk: int | None  # step of the intact checkpoint left behind, None when there is none
     finished: bool  # the stage's finished marker was there at the kill (it had completed)
+    corrupt_rwlock: bool  # the kill left DVC's .dvc/tmp/rwlock corrupt (removed: heal_rwlock)
     log: str = field(repr=False)
+
+
+def heal_rwlock(path: Path) -> bool:
+    """Remove `.dvc/tmp/rwlock` when it is not JSON; True when it was removed.
+
+    DVC rewrites that file in place (truncate, then write: dvc/rwlock.py), so a SIGKILL between
+    the two, while DVC starts or ends a stage, leaves it empty, and every later `dvc` command
+    fails ("Unable to read RWLock-file ... JSON structure is corrupted") until it is removed by
+    hand. No other `dvc` runs in the copy, so removing it is safe here; callers report it.
+    """
+    file = path / RWLOCK
+    try:
+        json.loads(file.read_text())
+        return False
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        file.unlink()
+        return True
 
 
 def start_repro(path: Path, log: Path) -> subprocess.Popen:
@@ -180,11 +202,13 @@ def repro_and_kill(path: Path, point: KillPoint, log: Path, wait_s: float = WAIT
         returncode=proc.returncode,
         on_disk=intact_step(folder),
         finished=(folder / "finished.json").exists(),
+        corrupt_rwlock=heal_rwlock(path),
         log=log.read_text(errors="replace"),
     )
 
 
-def repro(path: Path, log: Path, timeout: float = 1800) -> subprocess.CompletedProcess:
+def repro(path: Path, log: Path, timeout: float = 1800) -> None:
+    """`dvc repro` in `path` to the end (a RuntimeError with the log's tail when it fails)."""
     with open(log, "ab") as out:
         done = subprocess.run(
             [sys.executable, "-m", "dvc", "repro"],
@@ -196,7 +220,6 @@ def repro(path: Path, log: Path, timeout: float = 1800) -> subprocess.CompletedP
         )
     if done.returncode != 0:
         raise RuntimeError(f"dvc repro exited {done.returncode}:\n{log.read_text(errors='replace')[-6000:]}")
-    return done
 
 
 def seed_from(reference: Path, dest: Path, stages: list[str]) -> None:
@@ -278,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as exc:
             match = f"NO: rerun failed ({str(exc).splitlines()[0]})"
         failed += match != "yes"
+        match += " (after removing the corrupt .dvc/tmp/rwlock)" if kill.corrupt_rwlock else ""
         at_kill = "finished" if kill.finished else ("no ckpt" if kill.on_disk is None else f"ckpt {kill.on_disk}")
         rows.append(
             [

@@ -63,7 +63,9 @@ def test_sigkilled_repro_resumes_to_the_uninterrupted_bytes(pipeline, tmp_path):
     repro(path, tmp_path / "final.log")
     logs = [k.log for k in kills[1:]] + [(tmp_path / "final.log").read_text(errors="replace")]
     summary = "\n".join(
-        f"{k.point}: reached={k.reached} exit={k.returncode} on_disk={k.on_disk} finished={k.finished}" for k in kills
+        f"{k.point}: reached={k.reached} exit={k.returncode} on_disk={k.on_disk} finished={k.finished}"
+        f" corrupt_rwlock={k.corrupt_rwlock}"
+        for k in kills
     )
 
     for kill in kills:
