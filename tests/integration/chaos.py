@@ -125,7 +125,7 @@ class Kill:
     reached: bool  # the checkpoint came (else the kill came when the stage finished, or the run ended)
     returncode: int | None  # of the killed `dvc repro`: -9 is SIGKILL
     on_disk: int | None  # step of the intact checkpoint left behind, None when there is none
-    finished: bool  # the stage's finished marker was there at the kill (it had completed)
+    finished: bool  # this run wrote the stage's finished marker before the kill (it had completed)
     corrupt_rwlock: bool  # the kill left DVC's .dvc/tmp/rwlock corrupt (removed: heal_rwlock)
     log: str = field(repr=False)
 
@@ -170,6 +170,8 @@ def _written_since(file: Path, ns: int) -> bool:
 
 def repro_and_kill(path: Path, point: KillPoint, log: Path, wait_s: float = WAIT_S) -> Kill:
     """Run `dvc repro` in `path` and SIGKILL its process group at `point`."""
+    import torch  # noqa: F401  (imported now: the first poll must not take seconds on a loaded machine)
+
     folder = path / checkpoint_dir(point.stage)
     started = time.time_ns()
     proc = start_repro(path, log)
@@ -201,7 +203,7 @@ def repro_and_kill(path: Path, point: KillPoint, log: Path, wait_s: float = WAIT
         reached=reached,
         returncode=proc.returncode,
         on_disk=intact_step(folder),
-        finished=(folder / "finished.json").exists(),
+        finished=_written_since(folder / "finished.json", started),
         corrupt_rwlock=heal_rwlock(path),
         log=log.read_text(errors="replace"),
     )

@@ -87,4 +87,5 @@ def test_sigkilled_repro_resumes_to_the_uninterrupted_bytes(pipeline, tmp_path):
     killed = [r for r in runs if r.info.status == "KILLED"]
     if running:
         pytest.skip(f"killed MLflow runs stay RUNNING after the rerun (orphans not closed): {running}; {summary}")
-    assert len(killed) >= sum(k.reached for k in kills), summary
+    mid_stage = sum(k.on_disk is not None and not k.finished for k in kills)  # its MLflow run was open
+    assert len(killed) >= mid_stage, summary
