@@ -12,7 +12,7 @@ PORT ?= 5000
 
 MODEL ?= models:/lmpipe-classifier/latest
 
-.PHONY: setup repro test lint format compare ui serve bench study clean-venv
+.PHONY: setup repro test lint format compare ui serve bench study chaos clean-venv
 
 setup: $(STAMP)
 
@@ -61,6 +61,12 @@ STUDY_ARGS ?=
 study: setup
 	$(BIN)/dvc repro tokenize
 	$(BIN)/python -m studies.pretraining_payoff $(STUDY_ARGS)
+
+# SIGKILL `dvc repro` of the tiny test DAG at seeded points of training, rerun, compare every
+# model's md5 with an uninterrupted run (~10 min on 2 cores); tests/integration/chaos.py
+CHAOS_ARGS ?=
+chaos: setup
+	$(BIN)/python -m tests.integration.chaos $(CHAOS_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
