@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from lmpipe.core.lineage import dir_listing, git_state, upstream_stages
+from lmpipe.core.reports import PERF_DIR
 
 # Distributions whose versions decide what the exported files contain and how they run.
 PACKAGES = (
@@ -91,8 +92,8 @@ def _stage_record(entry: dict[str, Any]) -> dict[str, Any]:
     """A stage's dvc.lock entry reduced to its command, params and the path and md5 of each dep and out."""
 
     def files(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """[{path, md5}] of lock entries."""
-        return [{"path": i["path"], "md5": _entry_hash(i)} for i in items]
+        """[{path, md5}] of lock entries; timings (reports/perf/) say nothing of how the model was made."""
+        return [{"path": i["path"], "md5": _entry_hash(i)} for i in items if not _is_perf(i["path"])]
 
     return {
         "cmd": entry.get("cmd", ""),
@@ -100,6 +101,10 @@ def _stage_record(entry: dict[str, Any]) -> dict[str, Any]:
         "deps": files(entry.get("deps", [])),
         "outs": files(entry.get("outs", [])),
     }
+
+
+def _is_perf(path: str) -> bool:
+    return Path(path).as_posix().startswith(PERF_DIR.as_posix() + "/")
 
 
 def recorded_md5(lock: dict[str, Any], path: str) -> str | None:

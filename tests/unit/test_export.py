@@ -508,3 +508,16 @@ def test_each_pretrained_encoder_family_exports_to_onnx_with_parity(tmp_path, fa
         with torch.no_grad():
             ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
         np.testing.assert_allclose(session.run(None, feed)[0], ref, atol=1e-4)
+
+
+def test_lineage_leaves_out_timing_files_so_a_rerun_exports_the_same_bytes():
+    from lmpipe.export import model_card
+
+    entry = {
+        "cmd": "python -m stages.pretrain",
+        "deps": [{"path": "data/tokens", "md5": "a.dir"}],
+        "outs": [{"path": "models/pretrained", "md5": "b.dir"}, {"path": "reports/perf/pretrain.json", "md5": "c"}],
+    }
+    record = model_card._stage_record(entry)
+    assert record["outs"] == [{"path": "models/pretrained", "md5": "b.dir"}]
+    assert record["deps"] == [{"path": "data/tokens", "md5": "a.dir"}]
