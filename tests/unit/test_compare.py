@@ -60,9 +60,9 @@ def test_one_row_per_group_newest_finished_run_with_the_params_that_differ(store
         "[95%",
         "CI]",
         "f1",
-        "tfidf_acc",
+        "tfidf",
         "gain",
-        "test_ppl",
+        "ppl",
     ]
     assert second.split() == [
         "repro-1",
