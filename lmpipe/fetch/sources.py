@@ -36,6 +36,7 @@ from typing import Any
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import jsonl_record, write_json
+from lmpipe.core.project import project_root
 
 log = logging.getLogger("lmpipe.fetch.sources")
 
@@ -233,11 +234,26 @@ def file_format(path: str) -> str:
     return fmt
 
 
+ALLOW_OUTSIDE = "LMPIPE_ALLOW_OUTSIDE_PROJECT"  # "1": read a user file from outside the project
+
+
 def _user_file(path: str) -> tuple[Path, str]:
-    """The user's file and its format, or an error naming `fetch.file.path`."""
+    """The user's file and its format, or an error naming `fetch.file.path`.
+
+    A file outside the project is refused: DVC cannot version it (the fetch stage depends on
+    userdata/), so a run from it could not be reproduced or audited. Setting
+    LMPIPE_ALLOW_OUTSIDE_PROJECT=1 allows it for a one-off look.
+    """
     fmt = file_format(path)
     if not Path(path).is_file():
         raise LmpipeError(f"fetch.file.path: {path} not found (put your file there and `dvc add` it)")
+    root = project_root().resolve()
+    inside = Path(path).resolve().is_relative_to(root)
+    if not inside and os.environ.get(ALLOW_OUTSIDE) != "1":
+        raise LmpipeError(
+            f"fetch.file.path: {path} is outside the project {root}: copy it into userdata/ and "
+            f"`dvc add` it, so DVC versions it (or set {ALLOW_OUTSIDE}=1 for a one-off run)"
+        )
     return Path(path), fmt
 
 

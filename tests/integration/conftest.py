@@ -58,8 +58,17 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+# secrets a user may have in the environment: none may reach MLflow, reports or the model card
+SECRETS = {
+    "MLFLOW_TRACKING_PASSWORD": "lmpipe-test-secret-password-5f2c",
+    "AWS_SECRET_ACCESS_KEY": "lmpipe-test-secret-aws-key-9b1d",
+    "LMPIPE_TEST_API_TOKEN": "hf_lmpipeTestSecretToken7e4a",
+}
+
+
 def env() -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME")}
+    out.update(SECRETS)
     out.update(
         PATH=f"{BIN}:{out.get('PATH', '')}",
         DVC_NO_ANALYTICS="1",

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from lmpipe.core.lineage import dvc_md5, read_lock
 
-from .conftest import dvc, git, run
+from .conftest import SECRETS, dvc, git, run
 
 pytestmark = pytest.mark.integration
 
@@ -257,3 +257,18 @@ def test_push_clone_pull_restores_every_output_and_the_audit_passes(pipeline, tm
         path / "models/export/hf/model.safetensors"
     ).read_bytes()
     shutil.rmtree(fresh)
+
+
+def test_no_secret_in_the_environment_reaches_mlflow_the_model_card_lineage_or_reports(pipeline):
+    path = pipeline["path"]  # every stage ran with SECRETS in its environment
+    stores = [path / "mlflow.db", *(p for p in (path / "mlartifacts").rglob("*") if p.is_file())]
+    written = [
+        *stores,
+        *(p for p in (path / "reports").rglob("*") if p.is_file()),
+        *(path / "models/export").rglob("*"),
+    ]
+    for file in (f for f in written if f.is_file()):
+        data = file.read_bytes()
+        for name, secret in SECRETS.items():
+            assert secret.encode() not in data, f"{name} leaked into {file.relative_to(path)}"
+    assert (path / "mlflow.db").stat().st_size > 0 and (path / "models/export/lineage.json").is_file()

@@ -41,6 +41,28 @@ class FakePip:
         (dest / self.wheel.name).write_bytes(self.wheel.read_bytes())
 
 
+@pytest.fixture(autouse=True)
+def files_in_tmp_path_are_allowed(monkeypatch):
+    """These tests keep user files in tmp_path, outside the project: allowed explicitly."""
+    monkeypatch.setenv(sources.ALLOW_OUTSIDE, "1")
+
+
+def test_a_user_file_outside_the_project_is_refused_unless_allowed(tmp_path, monkeypatch):
+    outside = tmp_path / "reviews.csv"
+    outside.write_text("text,label\na fine film,positive\n")
+    monkeypatch.delenv(sources.ALLOW_OUTSIDE)
+    with pytest.raises(LmpipeError, match=r"fetch.file.path: .*reviews.csv is outside the project .*dvc add"):
+        sources.check_source(_file_fetch(outside))
+    monkeypatch.setenv(sources.ALLOW_OUTSIDE, "1")
+    sources.check_source(_file_fetch(outside))  # explicitly allowed
+
+
+def _file_fetch(path: Path):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(source="file", file=FileSource(path=str(path)))
+
+
 @pytest.fixture
 def cache(tmp_path, monkeypatch) -> Path:
     root = tmp_path / "cache"
