@@ -19,6 +19,7 @@ from typing import Any
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.lineage import TAG_GROUP, TAG_HEADLINE_MODEL, TAG_STAGE
+from lmpipe.core.project import default_tracking_uri
 
 HEADLINE = ("acc", "acc_lo", "acc_hi", "f1", "tfidf_acc", "gain")
 TEST_PPL = "pretrained.test_mlm_perplexity"
@@ -102,8 +103,6 @@ def table(rows: list[Row], params: list[str]) -> str:
 def compare_command(args: argparse.Namespace) -> int:
     """Run `lmpipe compare` from parsed arguments; returns the exit status."""
     from mlflow.tracking import MlflowClient
-
-    from lmpipe.core.project import default_tracking_uri
 
     rows = collect(MlflowClient(args.tracking_uri or default_tracking_uri()), args.experiment, args.last)
     if not rows:

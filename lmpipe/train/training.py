@@ -509,6 +509,8 @@ class _Run:
     flops_per_token: float | None
     peak_flops: float | None
     desc: str
+    trainable: list[torch.nn.Parameter] = field(default_factory=list)
+    """The parameters that require grad (clipped every step), listed once."""
 
     @classmethod
     def start(
@@ -538,6 +540,7 @@ class _Run:
             checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None,
             fingerprint=full_fingerprint(fingerprint, config, info.world_size),
             tracker=tracker if info.is_main else None,
+            trainable=[p for p in model.parameters() if p.requires_grad],
             **rest,
         )
 
@@ -572,7 +575,6 @@ class _Run:
         """One optimizer step over grad_accum micro-batches; its figures go into the log window."""
         cfg, info, t0 = self.config, self.info, time.perf_counter()
         loss_sum, tokens = 0.0, 0
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
         for micro in range(cfg.grad_accum):
             batch = _to_device(self.batch_at(state.step, micro, info.rank, info.world_size), self.device)
             last_micro = micro == cfg.grad_accum - 1
@@ -583,7 +585,7 @@ class _Run:
             loss_sum += float(loss.detach())
             tokens += int(n_tokens)
         max_norm = cfg.clip_norm if cfg.clip_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, max_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         state.window["lr"] = self.optimizer.param_groups[0]["lr"]  # the lr this step used
         self.optimizer.step()
         self.scheduler.step()
