@@ -265,6 +265,36 @@ class EarlyStopping(Schema):
     """Evaluations without improvement before training stops."""
 
 
+class Adversarial(Schema):
+    method: Literal["none", "fgm"] = "none"
+    """`fgm`: the fast gradient method (Miyato et al. 2017) on the word embeddings. After the
+    clean backward, the word-embedding output of the batch is moved by epsilon x g / ||g|| (g: the
+    loss gradient there, L2 norm over the whole micro-batch), the batch runs forward and backward
+    again, and each pass adds half of its gradient: the loss is (clean + adversarial) / 2. About
+    twice the compute per step; the embedding weights are never touched. `none` = off."""
+    epsilon: float = Field(1.0, ge=0)
+    """L2 norm of the perturbation over a whole micro-batch (the value FGM fine-tuning recipes
+    use on BERT word embeddings); 0 gives exactly the gradient of `none`, twice the compute."""
+
+
+class Augmentation(Schema):
+    copies: int = Field(0, ge=0, le=10)
+    """Augmented copies added per training example (the originals stay): the train split grows
+    (1 + copies)-fold; 0 = off. Validation and test are never augmented."""
+    deletion_prob: float = Field(0.1, ge=0, lt=1)
+    """Random deletion: each word of a copy is dropped with this probability (one is always kept)."""
+    swap_prob: float = Field(0.1, ge=0, le=1)
+    """Random swap: a copy of n words gets round(swap_prob x n) swaps of two random words."""
+
+    @model_validator(mode="after")
+    def _copies_differ(self) -> "Augmentation":
+        if self.copies > 0 and self.deletion_prob == 0 and self.swap_prob == 0:
+            raise ValueError(
+                f"copies is {self.copies} but deletion_prob and swap_prob are both 0 (the copies would be duplicates)"
+            )
+        return self
+
+
 class FinetuneParams(Schema):
     backbones: dict[str, BackboneRun]
     """One fine-tuning run (one DVC stage) per backbone: scratch = our pretrain, minilm = packaged."""
@@ -300,6 +330,10 @@ class FinetuneParams(Schema):
     """Settings of `lora` mode."""
     early_stopping: EarlyStopping = EarlyStopping()
     """When to stop and which checkpoint to keep."""
+    adversarial: Adversarial = Adversarial()
+    """Adversarial training on the embeddings (off by default)."""
+    augmentation: Augmentation = Augmentation()
+    """Text augmentation of the fine-tuning train split (off by default)."""
 
 
 # --------------------------------------------------------------------------- baseline

@@ -34,6 +34,7 @@ import numpy as np
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.lineage import dvc_md5
+from lmpipe.finetune import augmentation
 from lmpipe.inference.batched import torch_logits
 from lmpipe.inference.classifier import load_tokenizer, quiet_transformers
 from lmpipe.inference.encoding import collate, encode_texts
@@ -311,6 +312,12 @@ def fingerprint(params: Any, backbone: str, inputs: Sequence[str | Path]) -> str
     """
 
     cfg = params.finetune.model_dump(mode="json")
+    for key, off in (
+        ("adversarial", cfg["adversarial"]["method"] == "none"),
+        ("augmentation", cfg["augmentation"]["copies"] == 0),
+    ):
+        if off:  # an option left off keeps the fingerprint (and so the resume point) of a run without it
+            cfg.pop(key)
     payload = {
         "seed": params.base.seed,
         "backbone": backbone,
@@ -439,14 +446,18 @@ def run_finetune(
     tracker: Any = None,
 ) -> Finetuned:
     """Fine-tune backbone `backbone` (a key of finetune.backbones) with the shared loop."""
+    from lmpipe.train import adversarial
     from lmpipe.train.flops import peak_flops
     from lmpipe.train.training import resolve_precision, train
 
     cfg, seed = params.finetune, params.base.seed
     run = cfg.backbones[backbone]
     names, (texts, labels), (val_texts, val_labels) = load_finetune_splits(processed_dir, cfg, seed)
+    n_train = len(texts)
+    texts, labels, augmented = augmentation.augment_train(texts, labels, cfg.augmentation, seed)  # train only
     tokenizer = load_tokenizer(run.source)
     model = classifier_for(run, cfg, names, seed)
+    fgm = adversarial.build(cfg.adversarial.method, cfg.adversarial.epsilon, model)
     trainable, _ = count_params(model)
     train_enc = encode_texts(tokenizer, texts, cfg.max_length, cfg.truncation)
     val_enc = encode_texts(tokenizer, val_texts, cfg.max_length, cfg.truncation)
@@ -482,7 +493,10 @@ def run_finetune(
         curves_dir=curves_dir,
         perf_curve=perf_curve,
         desc=f"finetune@{backbone}",
+        adversarial=fgm,
     )
+    if fgm is not None:
+        fgm.close()
     plain = plain_model(model).to("cpu")
     _, total = count_params(plain)
     log.info(
@@ -496,10 +510,13 @@ def run_finetune(
     counts = {
         "trainable_params": trainable,
         "total_params": total,
-        "train_examples": len(texts),
+        "train_examples": n_train,
         "val_examples": len(val_texts),
         "mean_tokens": float(np.mean(lengths)),
         "pad_share": pad,
+        **augmented,
     }
+    if augmented and tracker is not None:
+        tracker.log_metrics({"train_examples": float(n_train), **{k: float(v) for k, v in augmented.items()}})
     info, metrics = finetune_report(result, run, cfg, backbone, counts)
     return Finetuned(plain, tokenizer, info, metrics)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -87,6 +88,8 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, int | torch.Tensor]"]
 BatchAt = Callable[[int, int, int, int], Batch]
 Evaluate = Callable[[torch.nn.Module], Mapping[str, float]]
+BackwardPass = Callable[[float], "tuple[torch.Tensor, int | torch.Tensor]"]
+Adversarial = Callable[[BackwardPass], "tuple[torch.Tensor, int | torch.Tensor]"]
 
 
 class MetricSink(Protocol):
@@ -511,6 +514,8 @@ class _Run:
     desc: str
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
     """The parameters that require grad (clipped every step), listed once."""
+    adversarial: Adversarial | None = None
+    """Runs each micro-batch's passes itself (e.g. lmpipe.train.adversarial.FGM); None = one plain pass."""
 
     @classmethod
     def start(
@@ -571,6 +576,13 @@ class _Run:
             log.info("resuming from %s at step %d", self.checkpoint_dir / CHECKPOINT_FILE, state.step)
         return state
 
+    def backward_pass(self, batch: Batch, weight: float) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """Forward one micro-batch and backpropagate loss x weight / grad_accum (gradients accumulate)."""
+        with autocast(self.precision, self.device):
+            loss, n_tokens = self.loss_fn(self.ddp_model, batch)
+        (loss / self.config.grad_accum if weight == 1.0 else loss * weight / self.config.grad_accum).backward()
+        return loss, n_tokens
+
     def optimizer_step(self, state: LoopState) -> None:
         """One optimizer step over grad_accum micro-batches; its figures go into the log window."""
         cfg, info, t0 = self.config, self.info, time.perf_counter()
@@ -579,9 +591,8 @@ class _Run:
             batch = _to_device(self.batch_at(state.step, micro, info.rank, info.world_size), self.device)
             last_micro = micro == cfg.grad_accum - 1
             with _nothing() if last_micro or not info.enabled else self.ddp_model.no_sync():
-                with autocast(self.precision, self.device):
-                    loss, n_tokens = self.loss_fn(self.ddp_model, batch)
-                (loss / cfg.grad_accum).backward()
+                passes = functools.partial(self.backward_pass, batch)
+                loss, n_tokens = self.adversarial(passes) if self.adversarial is not None else passes(1.0)
             loss_sum += float(loss.detach())
             tokens += int(n_tokens)
         max_norm = cfg.clip_norm if cfg.clip_norm is not None else float("inf")
@@ -759,6 +770,7 @@ def train(
     curves_dir: str | Path | None = None,
     perf_curve: str | Path | None = None,
     desc: str = "train",
+    adversarial: Adversarial | None = None,
 ) -> TrainResult:
     """Train `model` in place; see the module docstring for the contract of each callable.
 
@@ -773,6 +785,11 @@ def train(
         (step + sorted evaluate() keys) there at the end.
     perf_curve: rank 0 writes PERF_COLUMNS (tokens/s, MFU) to this CSV, apart from the curves
         above so that they repeat byte for byte on a rerun.
+    adversarial: `adversarial(backward_pass) -> (loss, n_tokens)` runs each micro-batch's passes
+        itself (lmpipe.train.adversarial.FGM); `backward_pass(weight)` forwards the micro-batch,
+        backpropagates loss x weight / grad_accum and returns (loss, n_tokens). Under DDP every
+        pass of the last micro-batch all-reduces the accumulated gradients (correct, one
+        all-reduce more per pass). None = one pass of weight 1.
     """
     run = _Run.start(
         model,
@@ -787,6 +804,7 @@ def train(
         flops_per_token=flops_per_token,
         peak_flops=peak_flops,
         desc=desc,
+        adversarial=adversarial,
     )
     state = run.resume()
     resumed_from = state.step

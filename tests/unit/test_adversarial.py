@@ -1,0 +1,161 @@
+"""lmpipe.train.adversarial (FGM) and its hook in the training loop, on a tiny BERT classifier."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from lmpipe.core.errors import LmpipeError
+from lmpipe.core.params import LoraParams, load_params, parse_params
+from lmpipe.finetune import finetuning as ft
+from lmpipe.inference import encoding
+from lmpipe.train import adversarial
+from lmpipe.train.training import TrainConfig, train
+from tests.unit import test_finetuning as tiny
+from tests.unit.test_finetuning import LABELS, VOCAB, make_reviews
+
+backbone, tokenizer, project = tiny.backbone, tiny.tokenizer, tiny.project  # its fixtures, shared
+
+
+def tiny_classifier(dropout: float = 0.0):
+    """A 2-layer BERT classifier; dropout 0 makes two passes over a batch see the same network."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config)
+
+
+def a_batch(tokenizer, n=8, seed=1):
+    texts, labels = make_reviews(n, seed)
+    return encoding.collate(encoding.encode_texts(tokenizer, texts, 24, "head")["input_ids"], labels, 0)
+
+
+def grads_after(model, batch, fgm=None):
+    """Parameter gradients of one micro-batch, with or without the FGM hook."""
+    model.zero_grad(set_to_none=True)
+
+    def backward_pass(weight):
+        loss, n = ft.classification_loss(model, batch)
+        (loss / 1 if weight == 1.0 else loss * weight / 1).backward()
+        return loss, n
+
+    fgm(backward_pass) if fgm is not None else backward_pass(1.0)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fgm_changes_the_gradient_and_never_the_embedding_weights(tokenizer):
+    model, batch = tiny_classifier(), a_batch(tokenizer)
+    plain = grads_after(model, batch)
+    weights = model.get_input_embeddings().weight.detach().clone()
+    fgm = adversarial.build("fgm", 1.0, model)
+    attacked = grads_after(model, batch, fgm)
+    assert plain.keys() == attacked.keys()
+    assert any(not torch.allclose(plain[k], attacked[k]) for k in plain)
+    assert torch.equal(model.get_input_embeddings().weight, weights)  # the weights are never perturbed
+    fgm.close()
+    assert all(torch.equal(plain[k], v) for k, v in grads_after(model, batch).items())  # hook gone
+
+
+def test_epsilon_zero_is_no_fgm_bit_for_bit_through_the_loop(tokenizer, one_thread):
+    texts, labels = make_reviews(32, seed=1)
+    encoded = encoding.encode_texts(tokenizer, texts, 24, "head_tail")
+    batch_at = ft.make_batch_at(encoded, labels, batch_size=8, grad_accum=1, seed=0, pad_id=0)
+    config = TrainConfig(max_steps=3, lr=1e-2, warmup_steps=0, eval_every=100)
+    states = []
+    for eps in (None, 0.0, 1.0):
+        model = tiny_classifier()
+        hook = None if eps is None else adversarial.FGM(model.get_input_embeddings(), eps)
+        kwargs = dict(evaluate=lambda m: {}, config=config, device=torch.device("cpu"), adversarial=hook)
+        result = train(model, loss_fn=ft.classification_loss, batch_at=batch_at, **kwargs)
+        states.append(result.state)
+    off, zero, one = states
+    assert all(torch.equal(off[k], zero[k]) for k in off)  # two exact halves of the same gradient
+    assert any(not torch.equal(off[k], one[k]) for k in off)
+
+
+def test_perturbation_has_norm_epsilon_along_the_gradient():
+    fgm = adversarial.FGM(torch.nn.Embedding(3, 2), 0.5)
+    grad = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    delta = fgm.perturbation(grad)
+    torch.testing.assert_close(delta, torch.tensor([[0.3, 0.4], [0.0, 0.0]]))
+    assert torch.equal(fgm.perturbation(torch.zeros(2, 2)), torch.zeros(2, 2))
+    assert torch.equal(fgm.perturbation(torch.tensor([float("nan")])), torch.zeros(1))
+
+
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_fgm_reaches_frozen_embeddings_in_every_mode(backbone, tokenizer, mode):
+    model = ft.build_classifier(backbone, LABELS, mode=mode, seed=0, lora=LoraParams(rank=4)).eval()
+    assert not model.get_input_embeddings().weight.requires_grad
+    batch = a_batch(tokenizer)
+    plain = grads_after(model, batch)
+    fgm = adversarial.build("fgm", 5.0, model)
+    attacked = grads_after(model, batch, fgm)
+    fgm.close()
+    assert model.get_input_embeddings().weight.grad is None  # the frozen weights still get no gradient
+    assert any(not torch.allclose(plain[k], attacked[k]) for k in plain)
+
+
+def test_evaluation_is_never_perturbed(tokenizer):
+    model, batch = tiny_classifier().eval(), a_batch(tokenizer)
+    fgm = adversarial.FGM(model.get_input_embeddings(), 100.0)
+    fgm._armed, fgm._delta = True, torch.ones(1)  # even mid-attack, no_grad forwards are clean
+    with torch.no_grad():
+        hooked = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    fgm._armed, fgm._delta = False, None
+    fgm.close()
+    with torch.no_grad():
+        clean = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(hooked, clean)
+
+
+def test_a_model_without_word_embeddings_is_refused_naming_the_key():
+    with pytest.raises(LmpipeError, match=r"^params.yaml: finetune.adversarial.method needs a model with a word"):
+        adversarial.build("fgm", 1.0, torch.nn.Linear(2, 2))
+    assert adversarial.build("none", 1.0, torch.nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("method", "pgd", r"finetune.adversarial.method must be one of 'none' or 'fgm' \(got 'pgd'\)"),
+        ("epsilon", -1.0, r"finetune.adversarial.epsilon must be >= 0.0 \(got -1.0\)"),
+    ],
+)
+def test_bad_adversarial_params_name_the_key(project_root, key, value, expected):
+    raw = yaml.safe_load((project_root / "params.yaml").read_text())
+    raw["finetune"]["adversarial"][key] = value
+    with pytest.raises(LmpipeError, match=expected):
+        parse_params(raw)
+
+
+def test_stage_with_fgm_trains_and_differs_from_the_default(project, one_thread):
+    from stages.finetune import main
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["finetune"]["adversarial"] = {"method": "fgm", "epsilon": 1.0}
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert load_params().finetune.adversarial.method == "fgm"
+    with pytest.warns(UserWarning, match="not reachable"):
+        main(["tiny"])
+    metrics = json.loads((project / "reports/finetune/tiny/metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["train_examples"] == 40
+    curve = (project / "reports/finetune/tiny/train_curve.csv").read_text()
+    raw["finetune"]["adversarial"]["method"] = "none"
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.warns(UserWarning, match="not reachable"):
+        main(["tiny"])  # the same run without FGM
+    assert (project / "reports/finetune/tiny/train_curve.csv").read_text() != curve
