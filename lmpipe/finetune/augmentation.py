@@ -74,9 +74,15 @@ def augment(texts: Sequence[str], labels: np.ndarray, cfg: Any, seed: int) -> tu
     return [*texts, *extra], np.concatenate([labels] + [labels] * cfg.copies)
 
 
-def augment_train(texts: Sequence[str], labels: np.ndarray, cfg: Any, seed: int) -> tuple[list[str], np.ndarray, dict]:
-    """`augment` plus the metrics.json figures of an augmented run ({} when off, so that the
-    default run's metrics stay the same bytes): `train_examples` stays the split's count."""
+def augment_train(
+    texts: Sequence[str], labels: np.ndarray, cfg: Any, seed: int, tracker: Any = None
+) -> tuple[list[str], np.ndarray, dict[str, int]]:
+    """`augment` plus the metrics.json figures of an augmented run, also sent to `tracker`; the
+    figures are {} when off, so that a default run's metrics.json keeps its bytes."""
     out_texts, out_labels = augment(texts, labels, cfg, seed)
-    stats = {"train_examples_augmented": len(out_texts)} if cfg.copies > 0 else {}
+    if cfg.copies == 0:
+        return out_texts, out_labels, {}
+    stats = {"train_examples_augmented": len(out_texts)}
+    if tracker is not None:
+        tracker.log_metrics({"train_examples": float(len(texts)), "train_examples_augmented": float(len(out_texts))})
     return out_texts, out_labels, stats

@@ -40,6 +40,7 @@ from lmpipe.inference.classifier import load_tokenizer, quiet_transformers
 from lmpipe.inference.encoding import collate, encode_texts
 from lmpipe.task.metrics import log_softmax, validation_metrics
 from lmpipe.task.splits import check_processed, load_label_names, load_split, stratified_subsample
+from lmpipe.train import adversarial
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
@@ -446,24 +447,22 @@ def run_finetune(
     tracker: Any = None,
 ) -> Finetuned:
     """Fine-tune backbone `backbone` (a key of finetune.backbones) with the shared loop."""
-    from lmpipe.train import adversarial
     from lmpipe.train.flops import peak_flops
     from lmpipe.train.training import resolve_precision, train
 
     cfg, seed = params.finetune, params.base.seed
     run = cfg.backbones[backbone]
     names, (texts, labels), (val_texts, val_labels) = load_finetune_splits(processed_dir, cfg, seed)
-    n_train = len(texts)
-    texts, labels, augmented = augmentation.augment_train(texts, labels, cfg.augmentation, seed)  # train only
+    train_texts, train_labels, augmented = augmentation.augment_train(texts, labels, cfg.augmentation, seed, tracker)
     tokenizer = load_tokenizer(run.source)
     model = classifier_for(run, cfg, names, seed)
-    fgm = adversarial.build(cfg.adversarial.method, cfg.adversarial.epsilon, model)
+    fgm = adversarial.build(cfg.adversarial.method, cfg.adversarial.epsilon, model)  # None when off
     trainable, _ = count_params(model)
-    train_enc = encode_texts(tokenizer, texts, cfg.max_length, cfg.truncation)
+    train_enc = encode_texts(tokenizer, train_texts, cfg.max_length, cfg.truncation)
     val_enc = encode_texts(tokenizer, val_texts, cfg.max_length, cfg.truncation)
     pad_id = tokenizer.pad_token_id
     batch_at = make_batch_at(
-        train_enc, labels, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=seed, pad_id=pad_id
+        train_enc, train_labels, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=seed, pad_id=pad_id
     )
     buckets = batch_at.buckets  # type: ignore[attr-defined]
     lengths = [len(x) for x in train_enc["input_ids"]]
@@ -495,8 +494,6 @@ def run_finetune(
         desc=f"finetune@{backbone}",
         adversarial=fgm,
     )
-    if fgm is not None:
-        fgm.close()
     plain = plain_model(model).to("cpu")
     _, total = count_params(plain)
     log.info(
@@ -510,13 +507,11 @@ def run_finetune(
     counts = {
         "trainable_params": trainable,
         "total_params": total,
-        "train_examples": n_train,
+        "train_examples": len(texts),
         "val_examples": len(val_texts),
         "mean_tokens": float(np.mean(lengths)),
         "pad_share": pad,
         **augmented,
     }
-    if augmented and tracker is not None:
-        tracker.log_metrics({"train_examples": float(n_train), **{k: float(v) for k, v in augmented.items()}})
     info, metrics = finetune_report(result, run, cfg, backbone, counts)
     return Finetuned(plain, tokenizer, info, metrics)

@@ -20,22 +20,27 @@ same first-order attack on the looked-up vectors, and it works in every mode: wi
 embeddings (modes frozen and lora) the weights get no gradient, but the output can ask for one
 (the clean backward then runs through the frozen layers too). Nothing is written into the
 weights, so nothing has to be restored. Evaluation (under no_grad) is never perturbed.
+
+torch is imported inside functions: lmpipe.finetune imports this module at its top.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lmpipe.core.errors import LmpipeError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 BackwardPass = Callable[[float], "tuple[torch.Tensor, Any]"]
 
 
 def input_embeddings(model: Any, key: str) -> torch.nn.Module:
     """The word-embedding module of a transformers (or peft) model; an error naming `key` if none."""
+    import torch
+
     getter = getattr(model, "get_input_embeddings", None)
     module = getter() if callable(getter) else None
     if not isinstance(module, torch.nn.Embedding):
@@ -47,7 +52,8 @@ def input_embeddings(model: Any, key: str) -> torch.nn.Module:
 
 
 class FGM:
-    """The FGM hook of the training loop (see the module docstring); `close()` removes it."""
+    """The FGM hook of the training loop (see the module docstring). Its forward hook on the
+    embeddings is inert outside `__call__` (it stays until `close()` and changes nothing)."""
 
     def __init__(self, embeddings: torch.nn.Module, epsilon: float) -> None:
         if not epsilon >= 0:
@@ -59,6 +65,8 @@ class FGM:
         self._handle = embeddings.register_forward_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        import torch
+
         if not (self._armed and torch.is_grad_enabled()):
             return None
         if self._delta is not None:
@@ -71,6 +79,8 @@ class FGM:
 
     def perturbation(self, grad: torch.Tensor) -> torch.Tensor:
         """epsilon x grad / ||grad||_2 (zero where the gradient is zero or not finite)."""
+        import torch
+
         grad = grad.detach().float()
         norm = torch.linalg.vector_norm(grad)
         if not bool(torch.isfinite(norm)) or float(norm) == 0.0:

@@ -88,6 +88,11 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch], "tuple[torch.Tensor, int | torch.Tensor]"]
 BatchAt = Callable[[int, int, int, int], Batch]
 Evaluate = Callable[[torch.nn.Module], Mapping[str, float]]
+# `backward_pass(weight)` forwards a micro-batch, backpropagates loss x weight / grad_accum (gradients
+# accumulate) and returns (loss, n_tokens); `adversarial(backward_pass)` runs a micro-batch's passes
+# itself and returns the clean pass's (loss, n_tokens) (lmpipe.train.adversarial.FGM). Under DDP each
+# pass of the last micro-batch all-reduces the gradients accumulated so far: the same mean, one more
+# all-reduce per extra pass.
 BackwardPass = Callable[[float], "tuple[torch.Tensor, int | torch.Tensor]"]
 Adversarial = Callable[[BackwardPass], "tuple[torch.Tensor, int | torch.Tensor]"]
 
@@ -785,11 +790,7 @@ def train(
         (step + sorted evaluate() keys) there at the end.
     perf_curve: rank 0 writes PERF_COLUMNS (tokens/s, MFU) to this CSV, apart from the curves
         above so that they repeat byte for byte on a rerun.
-    adversarial: `adversarial(backward_pass) -> (loss, n_tokens)` runs each micro-batch's passes
-        itself (lmpipe.train.adversarial.FGM); `backward_pass(weight)` forwards the micro-batch,
-        backpropagates loss x weight / grad_accum and returns (loss, n_tokens). Under DDP every
-        pass of the last micro-batch all-reduces the accumulated gradients (correct, one
-        all-reduce more per pass). None = one pass of weight 1.
+    adversarial: runs each micro-batch's passes itself (see `Adversarial`); None = one plain pass.
     """
     run = _Run.start(
         model,
