@@ -470,7 +470,7 @@ def run_finetune(
     log.info(
         "finetune@%s: %d train / %d val examples, %.0f tokens each on average, %.1f%% padding with length bucketing",
         backbone,
-        len(texts),
+        len(train_texts),
         len(val_texts),
         np.mean(lengths),
         100 * pad,
