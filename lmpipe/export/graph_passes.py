@@ -90,7 +90,8 @@ def split_matmuls(model: onnx.ModelProto) -> int:
         parts, start = [], 0
         for j, (size, out) in enumerate(zip(sizes, split.output)):
             name = f"{matmul.input[1]}_part{j}"
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, start : start + size]), name))
+            columns = np.ascontiguousarray(weight[:, start : start + size])
+            graph.initializer.append(numpy_helper.from_array(columns, name))
             parts.append(helper.make_node("MatMul", [matmul.input[0], name], [out], name=f"{matmul.name}_part{j}"))
             start += size
         replaced[id(matmul)] = parts
