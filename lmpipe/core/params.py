@@ -16,10 +16,11 @@ says everything is simpler to read and to diff.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import load_yaml
@@ -319,6 +320,23 @@ class BaselineParams(Schema):
 
 
 # --------------------------------------------------------------------------- evaluate
+class EnsembleParams(Schema):
+    members: list[str] = Field(min_length=2)
+    """Models averaged: `baseline` (the TF-IDF model) and/or keys of finetune.backbones, each listed once."""
+
+    @field_validator("members")
+    @classmethod
+    def _members_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a model is listed twice")
+        return value
+
+    calibration: Literal["temperature", "none"] = "temperature"
+    """`temperature`: one temperature per member, fit on the val split by minimising the NLL, before
+    averaging (members as over- or under-confident as they are would weigh unequally); `none`: raw
+    probabilities."""
+
+
 class EvaluateParams(Schema):
     bootstrap_samples: int = Field(1000, ge=10)
     """Resamples of the test set for the percentile confidence intervals."""
@@ -333,6 +351,20 @@ class EvaluateParams(Schema):
     mlm_windows: int | None = Field(1000, ge=1)
     """Test-text windows (of the pretrained model's max length) scored for the masked-LM
     perplexity; null = the whole test split. 1,000 x 128 tokens = ~19k masked tokens, ~10 s."""
+    ensembles: dict[str, EnsembleParams] = {}
+    """Ensembles scored as their own rows (name -> members): the mean of the members' calibrated
+    probabilities; each is written to models/ensembles/<name>.json for `lmpipe predict --ensemble`.
+    The evaluate stage checks, before any work, that every member is a model it found."""
+
+    @field_validator("ensembles")
+    @classmethod
+    def _ensemble_names(cls, value: dict[str, EnsembleParams]) -> dict[str, EnsembleParams]:
+        for name in value:  # a file name (models/ensembles/<name>.json) and a row of metrics.json
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in ("baseline", "pretrained", "n_test"):
+                raise ValueError(
+                    f"ensemble name {name!r}: use letters, digits, _ . - and not baseline, pretrained, n_test"
+                )
+        return value
 
 
 # --------------------------------------------------------------------------- export
