@@ -224,3 +224,32 @@ def test_best_skips_a_prefix_model_and_a_named_one_is_refused(tmp_path):
         select_model("a", "val_accuracy", ["a", "b", "c"], tmp_path)
     with pytest.raises(LmpipeError, match=r"export.model: best finds no model"):
         select_model("best", "val_accuracy", ["a"], tmp_path)
+
+
+def test_adalora_resumed_after_a_crash_prunes_as_an_uninterrupted_run(bert, tmp_path):
+    torch.set_num_threads(1)
+    tokenizer = classifier.load_tokenizer(bert)
+    texts, labels = make_reviews(48, 1)
+    enc = encoding.encode_texts(tokenizer, texts, 24, "head_tail")
+    batch_at = ft.make_batch_at(enc, labels, batch_size=8, grad_accum=1, seed=0, pad_id=tokenizer.pad_token_id)
+    cfg = TrainConfig(max_steps=9, lr=1e-2, eval_every=9, checkpoint_every=3)
+
+    def run(batches, checkpoint_dir=None):
+        model = ft.build_classifier(bert, LABELS, mode="adalora", seed=0, settings=settings(), total_steps=9)
+        kw = dict(loss_fn=ft.peft_modes.adalora_loss, evaluate=lambda m: {"val_loss": 0.0}, config=cfg)
+        train(model, batch_at=batches, device=torch.device("cpu"), checkpoint_dir=checkpoint_dir, **kw,
+              step_hook=ft.peft_modes.AdaLoraStep(model))  # fmt: skip
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    def crash_at_step_7(step, micro, rank, world):
+        if step == 7:
+            raise RuntimeError("simulated crash")
+        return batch_at(step, micro, rank, world)
+
+    uninterrupted = run(batch_at)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crash_at_step_7, tmp_path)
+    resumed = run(batch_at, tmp_path)
+    assert resumed.keys() == uninterrupted.keys()
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
