@@ -13,7 +13,8 @@ evaluate, export and predict (lmpipe/inference).
   (absent from a masked-LM checkpoint) and the classifier are freshly initialised from the
   seed. Modes: `full` (every weight trains), `frozen` (the head = pooler + classifier trains,
   plus the top k encoder layers), `lora` (peft adapters on `target_modules`; the classifier and
-  the pooler train in full; merged into the weights before saving).
+  the pooler train in full; merged into the weights before saving), and `adalora`, `prefix`,
+  `adapter` (lmpipe.finetune.peft_modes).
 - Validation: the shared inference loop (`lmpipe.inference.batched`) and `validation_metrics`.
 
 torch, transformers and peft are imported inside functions.
