@@ -511,6 +511,8 @@ class _Run:
     desc: str
     trainable: list[torch.nn.Parameter] = field(default_factory=list)
     """The parameters that require grad (clipped every step), listed once."""
+    step_hook: Any = None
+    """Called with the 0-based step after each optimizer step, before the gradients are cleared."""
 
     @classmethod
     def start(
@@ -566,6 +568,8 @@ class _Run:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if "step_hook" in ckpt:
+            self.step_hook.load_state_dict(ckpt["step_hook"])
         state = LoopState.from_checkpoint(ckpt, self.info.rank)
         if self.info.is_main:
             log.info("resuming from %s at step %d", self.checkpoint_dir / CHECKPOINT_FILE, state.step)
@@ -588,6 +592,8 @@ class _Run:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         state.window["lr"] = self.optimizer.param_groups[0]["lr"]  # the lr this step used
         self.optimizer.step()
+        if self.step_hook is not None:
+            self.step_hook(state.step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -701,6 +707,7 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),
             "ranks": ranks,
             **state.to_checkpoint(),
+            **({"step_hook": self.step_hook.state_dict()} if hasattr(self.step_hook, "state_dict") else {}),
         }
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / CHECKPOINT_FILE
@@ -759,6 +766,7 @@ def train(
     curves_dir: str | Path | None = None,
     perf_curve: str | Path | None = None,
     desc: str = "train",
+    step_hook: Any = None,
 ) -> TrainResult:
     """Train `model` in place; see the module docstring for the contract of each callable.
 
@@ -773,6 +781,7 @@ def train(
         (step + sorted evaluate() keys) there at the end.
     perf_curve: rank 0 writes PERF_COLUMNS (tokens/s, MFU) to this CSV, apart from the curves
         above so that they repeat byte for byte on a rerun.
+    step_hook: `hook(step)` after each optimizer step (AdaLoRA); its state_dict(), if any, is checkpointed.
     """
     run = _Run.start(
         model,
@@ -787,6 +796,7 @@ def train(
         flops_per_token=flops_per_token,
         peak_flops=peak_flops,
         desc=desc,
+        step_hook=step_hook,
     )
     state = run.resume()
     resumed_from = state.step
