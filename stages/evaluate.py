@@ -8,13 +8,18 @@ Writes: reports/evaluate/ as one folder swapped in whole: headline.json (the DVC
         pretraining over random init), metrics.json (per model accuracy,
         precision, recall, f1, roc_auc, ece, each with ci_low/ci_high; mcnemar_p vs the
         baseline; pretrained.test_mlm_perplexity), comparison.md, predictions/<model>.csv
-        (actual,predicted,prob_<label>), roc/<model>.csv (fpr,tpr), plots/*.png.
+        (actual,predicted,prob_<label>), roc/<model>.csv (fpr,tpr), plots/*.png;
+        models/ensembles/<name>.json for each of evaluate.ensembles (what `lmpipe predict
+        --ensemble NAME` serves: members, their md5 and temperatures; the folder is empty without).
 
 Features:
 - the one batched, length-sorted inference loop that serves, each transformer encoded as it
   was trained (its lmpipe.json: max_length, head / head_tail truncation);
 - macro precision/recall/F1, ROC-AUC (one-vs-rest for multiclass), calibration (ECE), paired
   percentile bootstrap intervals, McNemar's test of each transformer against the baseline;
+- ensembles (evaluate.ensembles): the mean of temperature-calibrated member probabilities
+  (temperatures fit on the val split), each its own row with CIs, McNemar against the baseline
+  and against its best member; members are checked against the models found before any work;
 - the pretrained encoder's masked-LM perplexity on the test text (seeded masking);
 - deterministic outputs (seeded, sorted keys, fixed float formats, metadata-free PNGs);
 - an MLflow run carrying every pipeline param, the flattened headline metrics, the plots and
@@ -33,7 +38,7 @@ from lmpipe.core.params import load_params
 from lmpipe.core.reports import HEADLINE_FILE
 from lmpipe.core.stage import run, setup_torch
 from lmpipe.core.tracking import stage_run
-from lmpipe.evaluate import evaluation
+from lmpipe.evaluate import ensembles, evaluation
 from lmpipe.task.selection import select_model
 
 PROCESSED = Path("data/processed")
@@ -41,6 +46,7 @@ BASELINE = Path("models/baseline")
 PRETRAINED = Path("models/pretrained")
 FINETUNED = Path("models/finetuned")
 OUT = Path("reports/evaluate")
+ENSEMBLES = Path("models/ensembles")
 REPORTS_FINETUNE = Path("reports/finetune")
 OUTPUTS = (HEADLINE_FILE, "metrics.json", "comparison.md", "predictions", "roc", "plots")
 
@@ -49,6 +55,7 @@ def main() -> dict:
     params = load_params()
     test = evaluation.load_test_set(PROCESSED)
     models = evaluation.find_models(BASELINE, FINETUNED)
+    ensembles.check_ensembles(params.evaluate.ensembles, models)
     if not (PRETRAINED / "config.json").is_file():
         raise LmpipeError(f"{PRETRAINED}/config.json: file not found (run the pretrain stage first)")
     inputs = [str(PROCESSED), str(BASELINE), str(PRETRAINED), str(FINETUNED)]
@@ -56,12 +63,18 @@ def main() -> dict:
     inputs += [str(spec.path) for spec in models if spec.kind == "transformer"]
     selected, _ = select_model(params.export.model, params.export.selection_metric, transformers, REPORTS_FINETUNE)
     device = setup_torch(params.base.seed, params.base.threads, params.base.device)
-    with stage_run(
-        "evaluate", params, sections=("*",), inputs=tuple(inputs), outputs=tuple(str(OUT / name) for name in OUTPUTS)
-    ) as tracker:
+    outputs = (*(str(OUT / name) for name in OUTPUTS), str(ENSEMBLES))
+    with stage_run("evaluate", params, sections=("*",), inputs=tuple(inputs), outputs=outputs) as tracker:
         result = evaluation.evaluate(
             test, models, pretrained=PRETRAINED, settings=params.evaluate, seed=params.base.seed, device=device
         )
+        files = {}
+        if params.evaluate.ensembles:  # temperatures fit on the val split, scored on the test split
+            val = evaluation.load_test_set(PROCESSED, "val")
+            files = ensembles.add_ensembles(
+                result, models, val, out_dir=ENSEMBLES, settings=params.evaluate, seed=params.base.seed, device=device
+            )
+        ensembles.write_files(files, ENSEMBLES)
         with atomic_dir(OUT) as tmp:
             head = evaluation.write_reports(result, tmp, curves_root=Path("reports"))
             numbers = evaluation.headline_numbers(result, selected)
@@ -75,6 +88,8 @@ def main() -> dict:
         tracker.log_artifact(OUT / "plots", "plots")
         tracker.log_artifact(OUT / "comparison.md")
         tracker.log_artifact(OUT / "metrics.json")
+        if files:
+            tracker.log_artifact(ENSEMBLES, "ensembles")
     print((OUT / "comparison.md").read_text(encoding="utf-8"))
     return head
 

@@ -10,7 +10,9 @@ Writes: models/finetuned/<backbone>/ (HF folder: safetensors, config with id2lab
         reports/finetune/<backbone>/{metrics.json,train_curve.csv,eval_curve.csv}.
 
 Features:
-- modes full / frozen (+ top k layers) / lora (merged into the weights before saving);
+- modes full / frozen (+ top k layers) / lora and adalora (merged into the weights before saving) /
+  prefix and adapter (extra weights saved beside the HF ones, rebuilt by the one loader);
+  trainable parameters and their share logged for every mode;
 - head or head+tail truncation through the one shared `encode_texts`;
 - length-bucketed batches (less padding), stratified train subsample, seeded throughout;
 - the shared training loop: warmup + cosine, accumulation, clipping, early stopping on a
@@ -84,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         training.finish_checkpoint(checkpoints, done.metrics["steps"])
         write_stage_reports(f"finetune@{backbone}", reports, done.metrics)
         tracker.log_metrics({f"best_{k}": v for k, v in done.info["val_metrics"].items()})
-        tracker.log_metrics({k: float(done.metrics[k]) for k in ("trainable_params", "total_params", "pad_share")})
+        counted = ("trainable_params", "trainable_share", "total_params", "pad_share")
+        tracker.log_metrics({k: float(done.metrics[k]) for k in counted})
         tracker.log_artifact(reports)
         tracker.log_artifact(model_dir / INFO_FILE)
 

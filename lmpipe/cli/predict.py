@@ -1,10 +1,15 @@
-"""`lmpipe predict`: label texts with the exported classifier on torch, ONNX fp32 or ONNX int8.
+"""`lmpipe predict`: label texts with the exported classifier on torch, ONNX fp32 or ONNX int8,
+or with an ensemble that the evaluate stage calibrated.
 
 The model folder is `models/export/` (hf/ + onnx/, as the export stage writes it) or any plain
 HF classifier folder holding `lmpipe.json` (torch backend only); see `lmpipe.inference.predictor`.
+`--ensemble NAME` serves `models/ensembles/NAME.json` (or a path to such a file): the mean of its
+members' temperature-calibrated probabilities, each member loaded from its own folder (torch
+only); see `lmpipe.inference.ensemble`.
 
     lmpipe predict "A tender, funny film." "Two hours I will never get back."
     lmpipe predict --input reviews.csv --output preds.csv --backend onnx-int8
+    lmpipe predict --ensemble ensemble "A tender, funny film."
 
 Heavy packages are imported on use, so `lmpipe --help` answers at once.
 """
@@ -18,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from lmpipe.core.errors import LmpipeError
+from lmpipe.inference.ensemble import EnsemblePredictor
 from lmpipe.inference.predictor import BACKENDS, Predictor
 
 DEFAULT_MODEL = "models/export"
+ENSEMBLES = "models/ensembles"
 
 
 # --------------------------------------------------------------------------- CLI
@@ -57,6 +64,22 @@ def _format_table(texts: Sequence[str], preds: Any) -> str:
     return "\n".join(lines)
 
 
+def ensemble_file(name: str) -> Path:
+    """`--ensemble` value -> its file: a path to a .json file as given, else models/ensembles/NAME.json."""
+    return Path(name) if name.endswith(".json") else Path(ENSEMBLES) / f"{name}.json"
+
+
+def _predictor(args: argparse.Namespace) -> Any:
+    """The exported model's `Predictor`, or an `EnsemblePredictor` for --ensemble (torch only)."""
+    if args.ensemble is None:
+        return Predictor(args.model, args.backend, args.threads)
+    if args.model != DEFAULT_MODEL:
+        raise LmpipeError("give either --model or --ensemble (not both)")
+    if args.backend != "torch":
+        raise LmpipeError(f"--backend {args.backend}: an ensemble's members run on torch only")
+    return EnsemblePredictor(ensemble_file(args.ensemble), args.threads)
+
+
 def predict_command(args: argparse.Namespace) -> int:
     """Run `lmpipe predict` from parsed arguments; returns the exit status."""
     if bool(args.texts) == bool(args.input):
@@ -70,8 +93,7 @@ def predict_command(args: argparse.Namespace) -> int:
     else:
         frame, texts = None, list(args.texts)
 
-    predictor = Predictor(args.model, args.backend, args.threads)
-    preds = predictor.predict(texts, args.batch_size)
+    preds = _predictor(args).predict(texts, args.batch_size)
     if frame is None:
         print(_format_table(texts, preds))
         return 0
@@ -85,7 +107,8 @@ def predict_command(args: argparse.Namespace) -> int:
             result.to_csv(tmp, index=False, float_format="%.6f")
         counts = preds["label"].value_counts().sort_index()
         summary = ", ".join(f"{k}: {v}" for k, v in counts.items())
-        print(f"{args.output}: {len(result)} predictions ({summary}) with {args.backend}")
+        engine = f"ensemble {args.ensemble}" if args.ensemble else args.backend
+        print(f"{args.output}: {len(result)} predictions ({summary}) with {engine}")
     else:
         result.to_csv(sys.stdout, index=False, float_format="%.6f")
     return 0
@@ -105,6 +128,11 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--text-column", default="text", help="column of --input holding the text (default: text)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"export folder or HF folder (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--ensemble",
+        metavar="NAME",
+        help=f"serve an ensemble of evaluate.ensembles: {ENSEMBLES}/NAME.json (or a path to one); torch only",
+    )
     parser.add_argument("--backend", choices=BACKENDS, default="torch", help="inference engine (default: torch)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per batch (default: 32)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = the library default")

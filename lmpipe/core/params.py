@@ -16,15 +16,17 @@ says everything is simpler to read and to diff.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import load_yaml
 
 PARAMS_FILE = "params.yaml"
+NOT_EXPORTABLE = ("prefix",)  # modes export refuses: the prefix enters through the attention cache
 
 
 class Schema(BaseModel):
@@ -229,16 +231,22 @@ class BackboneRun(Schema):
     init: Literal["pretrained", "random"] = "pretrained"
     """`pretrained` loads the source's weights; `random` builds the source's architecture (its
     config.json) with fresh seeded weights: the control arm that shows what pretraining adds."""
-    mode: Literal["full", "frozen", "lora"] = "full"
+    mode: Literal["full", "frozen", "lora", "adalora", "prefix", "adapter"] = "full"
     """full = every weight trains; frozen = only the head, i.e. pooler + classifier (plus top layers);
-    lora = adapters + pooler + classifier, merged into the weights before saving."""
+    lora = adapters + pooler + classifier, merged into the weights before saving; adalora = LoRA
+    whose ranks are pruned to a budget while training (finetune.adalora), merged likewise;
+    prefix = trainable key/value prefixes in every attention layer + head (finetune.prefix; needs a
+    backbone whose attention takes a key/value cache: BERT, RoFormer, MiniLM, not ModernBERT);
+    adapter = bottleneck adapters + head (finetune.adapter). prefix and adapter weights are saved
+    beside the HF ones (peft.safetensors); prefix models cannot be exported to ONNX."""
     lr: float = Field(5e-5, gt=0, le=1)
     """Peak learning rate for this backbone."""
     max_steps: int = Field(100, ge=1)
     """Optimizer steps (upper bound: early stopping may end sooner)."""
     lora_target_modules: list[str] | None = None
-    """In `lora` mode, the Linear modules that get adapters for this backbone; null = the shared
-    finetune.lora.target_modules. Families name them differently: BERT, RoFormer and MiniLM
+    """In `lora` and `adalora` mode, the Linear modules that get adapters for this backbone; null =
+    the shared finetune.lora.target_modules (finetune.adalora.target_modules). Families name them
+    differently: BERT, RoFormer and MiniLM
     `query`, `key`, `value`; ModernBERT `Wqkv` (fused attention input) and `Wo`."""
 
 
@@ -256,6 +264,51 @@ class LoraParams(Schema):
     """Dropout on the adapter input."""
     target_modules: list[str] = ["query", "value"]
     """Names of the Linear modules that get adapters (BERT attention: query, key, value, dense)."""
+
+
+class AdaLoraParams(Schema):
+    init_r: int = Field(12, ge=1)
+    """Starting rank of every adapted matrix (AdaLoRA's paper starts 1.5x above the target)."""
+    target_r: int = Field(8, ge=1)
+    """Average rank left after pruning: the same budget as finetune.lora.rank, spent where it matters."""
+    alpha: float = Field(16, gt=0)
+    """Scaling numerator, as finetune.lora.alpha."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] = ["query", "value"]
+    """Linear modules that get adapters (per backbone: finetune.backbones.<name>.lora_target_modules)."""
+    tinit_ratio: float = Field(0.1, ge=0, lt=1)
+    """Share of max_steps trained at full rank before pruning starts (peft `tinit`)."""
+    tfinal_ratio: float = Field(0.2, ge=0, lt=1)
+    """Share of max_steps at the end trained with the final ranks fixed (peft `tfinal`)."""
+    delta_t: int = Field(10, ge=1)
+    """Steps between two budget reallocations (peft `deltaT`)."""
+    beta1: float = Field(0.85, gt=0, lt=1)
+    """EMA factor of the importance (sensitivity) scores."""
+    beta2: float = Field(0.85, gt=0, lt=1)
+    """EMA factor of their uncertainty."""
+    orth_reg_weight: float = Field(0.5, gt=0)
+    """Weight of the orthogonality penalty on the P and Q factors, added to the loss."""
+
+    @model_validator(mode="after")
+    def _budget(self) -> "AdaLoraParams":
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
+        if self.tinit_ratio + self.tfinal_ratio >= 1:
+            raise ValueError("tinit_ratio + tfinal_ratio must be < 1 (no steps left to prune ranks)")
+        return self
+
+
+class PrefixParams(Schema):
+    num_virtual_tokens: int = Field(16, ge=1)
+    """Prefix length: trainable key/value vectors per layer (P-tuning v2 uses 4-32 for classification)."""
+
+
+class AdapterParams(Schema):
+    size: int = Field(32, ge=1)
+    """Bottleneck width of each adapter (hidden -> size -> hidden); 32 ~ 2-5% of a small encoder."""
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """houlsby = after the attention block and the FFN of every layer; pfeiffer = after the FFN only."""
 
 
 class EarlyStopping(Schema):
@@ -328,6 +381,12 @@ class FinetuneParams(Schema):
     """Settings of `frozen` mode."""
     lora: LoraParams = LoraParams()
     """Settings of `lora` mode."""
+    adalora: AdaLoraParams = AdaLoraParams()
+    """Settings of `adalora` mode."""
+    prefix: PrefixParams = PrefixParams()
+    """Settings of `prefix` mode."""
+    adapter: AdapterParams = AdapterParams()
+    """Settings of `adapter` mode."""
     early_stopping: EarlyStopping = EarlyStopping()
     """When to stop and which checkpoint to keep."""
     adversarial: Adversarial = Adversarial()
@@ -353,6 +412,23 @@ class BaselineParams(Schema):
 
 
 # --------------------------------------------------------------------------- evaluate
+class EnsembleParams(Schema):
+    members: list[str] = Field(min_length=2)
+    """Models averaged: `baseline` (the TF-IDF model) and/or keys of finetune.backbones, each listed once."""
+
+    @field_validator("members")
+    @classmethod
+    def _members_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a model is listed twice")
+        return value
+
+    calibration: Literal["temperature", "none"] = "temperature"
+    """`temperature`: one temperature per member, fit on the val split by minimising the NLL, before
+    averaging (members as over- or under-confident as they are would weigh unequally); `none`: raw
+    probabilities."""
+
+
 class EvaluateParams(Schema):
     bootstrap_samples: int = Field(1000, ge=10)
     """Resamples of the test set for the percentile confidence intervals."""
@@ -367,6 +443,20 @@ class EvaluateParams(Schema):
     mlm_windows: int | None = Field(1000, ge=1)
     """Test-text windows (of the pretrained model's max length) scored for the masked-LM
     perplexity; null = the whole test split. 1,000 x 128 tokens = ~19k masked tokens, ~10 s."""
+    ensembles: dict[str, EnsembleParams] = {}
+    """Ensembles scored as their own rows (name -> members): the mean of the members' calibrated
+    probabilities; each is written to models/ensembles/<name>.json for `lmpipe predict --ensemble`.
+    The evaluate stage checks, before any work, that every member is a model it found."""
+
+    @field_validator("ensembles")
+    @classmethod
+    def _ensemble_names(cls, value: dict[str, EnsembleParams]) -> dict[str, EnsembleParams]:
+        for name in value:  # a file name (models/ensembles/<name>.json) and a row of metrics.json
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in ("baseline", "pretrained", "n_test"):
+                raise ValueError(
+                    f"ensemble name {name!r}: use letters, digits, _ . - and not baseline, pretrained, n_test"
+                )
+        return value
 
 
 # --------------------------------------------------------------------------- export
@@ -375,15 +465,17 @@ class ExportParams(Schema):
     """Which fine-tuned backbone to export: a key of finetune.backbones, or `best` by selection_metric."""
     selection_metric: Literal["val_accuracy", "val_f1", "val_loss"] = "val_accuracy"
     """Validation metric that picks the `best` model (never the test split)."""
-    onnx_opset: int = Field(18, ge=13)
-    """ONNX opset of the exported graph."""
+    onnx_opset: int = Field(23, ge=13)
+    """ONNX opset of the exported graph; 23 and above write attention and rotary positions as
+    single `Attention` / `RotaryEmbedding` nodes that ONNX Runtime runs fused."""
     quantize: bool = True
     """Also write a dynamically quantized int8 ONNX model."""
-    parity_samples: int = Field(200, ge=1)
-    """Test examples run through torch and ONNX for the parity check."""
+    parity_samples: int | None = Field(None, ge=1)
+    """Test examples run through torch and ONNX for the parity check (a seeded stratified
+    sample); null = the whole test split."""
     max_logit_diff: float = Field(1e-3, gt=0)
     """fp32 ONNX must match torch logits within this; beyond it the stage fails."""
-    max_int8_accuracy_drop: float = Field(0.02, ge=0, le=1)
+    max_int8_accuracy_drop: float = Field(0.005, ge=0, le=1)
     """int8 ONNX may lose at most this much accuracy against torch on the parity samples."""
     registered_name: str = Field("lmpipe-classifier", min_length=1)
     """MLflow Model Registry name the exported model is registered under."""
@@ -406,6 +498,12 @@ class Params(Schema):
         if self.export.model != "best" and self.export.model not in self.finetune.backbones:
             known = ["best", *self.finetune.backbones]
             raise ValueError(f"export.model must be one of {known} (got {self.export.model!r})")
+        run = self.finetune.backbones.get(self.export.model)
+        if run is not None and run.mode in NOT_EXPORTABLE:
+            raise ValueError(
+                f"export.model: {self.export.model!r} is fine-tuned in {run.mode} mode, which ONNX export "
+                f"does not support; name another backbone or `best` (which skips it)"
+            )
         return self
 
 

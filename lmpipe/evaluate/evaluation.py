@@ -73,6 +73,8 @@ class ModelResult:
     ci: dict[str, tuple[float, float]]
     mcnemar: dict[str, Any] | None = None  # vs the baseline; None for the baseline itself
     control: dict[str, Any] | None = None  # vs the random-init model of the same source, if any
+    logits: np.ndarray | None = None  # a transformer's test logits (ensembles calibrate them); never written
+    extra: dict[str, Any] = field(default_factory=dict)  # more entries of its metrics.json row (ensembles)
 
 
 @dataclass
@@ -83,16 +85,17 @@ class Evaluation:
     confidence: float = 0.95
     ece_bins: int = 10
     notes: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)  # more markdown lines of comparison.md (ensembles)
 
 
 # --------------------------------------------------------------------------- inputs
-def load_test_set(processed_dir: str | Path) -> TestSet:
-    """The test split (texts, label ids) and the label names, validated."""
+def load_test_set(processed_dir: str | Path, split: str = "test") -> TestSet:
+    """The test split (or another: `val` calibrates ensembles) and the label names, validated."""
 
     names = load_label_names(processed_dir)
-    texts, labels = load_split(processed_dir, "test", n_labels=len(names))
+    texts, labels = load_split(processed_dir, split, n_labels=len(names))
     if not texts:
-        raise LmpipeError(f"{Path(processed_dir) / 'test.parquet'}: the test split is empty")
+        raise LmpipeError(f"{Path(processed_dir) / f'{split}.parquet'}: the {split} split is empty")
     return TestSet(texts, labels, names)
 
 
@@ -153,6 +156,14 @@ def predict_transformer(
     path: str | Path, texts: Sequence[str], label_names: Sequence[str], batch_size: int, device: Any
 ) -> np.ndarray:
     """Class probabilities of a fine-tuned folder, encoded as its lmpipe.json says."""
+    logits = transformer_logits(path, texts, label_names, batch_size, device)
+    return _check_probs(M.softmax(logits), len(texts), label_names, Path(path))
+
+
+def transformer_logits(
+    path: str | Path, texts: Sequence[str], label_names: Sequence[str], batch_size: int, device: Any
+) -> np.ndarray:
+    """Logits (float64 holding float32 values) of a fine-tuned folder, encoded as its lmpipe.json says."""
 
     path = Path(path)
     model, tokenizer, info = load_classifier(path)
@@ -170,7 +181,8 @@ def predict_transformer(
         longest_first=True,  # peak memory early
         desc=f"predict {path.name}",
     )
-    return _check_probs(M.softmax(logits), len(texts), label_names, path)
+    _check_probs(logits, len(texts), label_names, path)
+    return logits
 
 
 def _progress(iterable: Any, desc: str) -> Any:
@@ -346,22 +358,24 @@ def evaluate(
     results = []
     for spec in models:
         log.info("evaluating %s (%s)", spec.name, spec.path)
+        logits = None
         if spec.kind == "baseline":
             probs = predict_baseline(spec.path, test.texts, test.label_names)
         else:
-            probs = predict_transformer(spec.path, test.texts, test.label_names, settings.batch_size, device)
-        results.append(
-            score_model(
-                spec.name,
-                spec.kind,
-                test,
-                probs,
-                bootstrap_samples=settings.bootstrap_samples,
-                confidence=settings.confidence,
-                ece_bins=settings.ece_bins,
-                seed=seed,
-            )
+            logits = transformer_logits(spec.path, test.texts, test.label_names, settings.batch_size, device)
+            probs = _check_probs(M.softmax(logits), len(test.texts), test.label_names, spec.path)
+        result = score_model(
+            spec.name,
+            spec.kind,
+            test,
+            probs,
+            bootstrap_samples=settings.bootstrap_samples,
+            confidence=settings.confidence,
+            ece_bins=settings.ece_bins,
+            seed=seed,
         )
+        result.logits = logits
+        results.append(result)
     compare_to_baseline(results, test.labels)
     compare_to_random_init(
         results,
@@ -415,6 +429,7 @@ def headline(evaluation: Evaluation) -> dict[str, Any]:
                     "vs_random_losses": c["c"],
                 }
             )
+        row.update(result.extra)
         out[result.name] = row
     if evaluation.lm is not None:
         out[PRETRAINED] = dict(evaluation.lm)
@@ -451,11 +466,12 @@ def headline_numbers(evaluation: Evaluation, selected: str) -> dict[str, Any]:
 
 
 def flat_metrics(head: dict[str, Any]) -> dict[str, float]:
-    """`minilm.accuracy`-style keys for MLflow (undefined values left out)."""
+    """`minilm.accuracy`-style keys for MLflow (undefined values and names, such as an
+    ensemble's `vs_best_member`, left out)."""
     out = {}
     for key, value in head.items():
         if isinstance(value, dict):
-            out.update({f"{key}.{k}": float(v) for k, v in value.items() if v is not None})
+            out.update({f"{key}.{k}": float(v) for k, v in value.items() if v is not None and not isinstance(v, str)})
         elif value is not None:
             out[key] = float(value)
     return out
@@ -549,6 +565,7 @@ def comparison_table(evaluation: Evaluation) -> str:
         *_legend(evaluation),
         *_baseline_verdicts(evaluation),
         *control_table(evaluation),
+        *evaluation.sections,
         *_perplexity_line(evaluation),
         *(f"- {note}" for note in evaluation.notes),
     ]

@@ -92,8 +92,8 @@ def check_labels(hf: Path, source: Path, processed: Path) -> list[str]:
     return model_labels
 
 
-def parity_sample(processed: Path, n_labels: int, n: int, seed: int) -> tuple[list[str], np.ndarray]:
-    """A seeded stratified sample of the test split (file order kept)."""
+def parity_sample(processed: Path, n_labels: int, n: int | None, seed: int) -> tuple[list[str], np.ndarray]:
+    """A seeded stratified sample of the test split (file order kept); n None = all of it."""
 
     texts, labels = load_split(processed, "test", n_labels=n_labels)
     if not texts:

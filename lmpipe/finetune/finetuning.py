@@ -13,7 +13,8 @@ evaluate, export and predict (lmpipe/inference).
   (absent from a masked-LM checkpoint) and the classifier are freshly initialised from the
   seed. Modes: `full` (every weight trains), `frozen` (the head = pooler + classifier trains,
   plus the top k encoder layers), `lora` (peft adapters on `target_modules`; the classifier and
-  the pooler train in full; merged into the weights before saving).
+  the pooler train in full; merged into the weights before saving), and `adalora`, `prefix`,
+  `adapter` (lmpipe.finetune.peft_modes).
 - Validation: the shared inference loop (`lmpipe.inference.batched`) and `validation_metrics`.
 
 torch, transformers and peft are imported inside functions.
@@ -34,7 +35,7 @@ import numpy as np
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.lineage import dvc_md5
-from lmpipe.finetune import augmentation
+from lmpipe.finetune import augmentation, peft_modes
 from lmpipe.inference.batched import torch_logits
 from lmpipe.inference.classifier import load_tokenizer, quiet_transformers
 from lmpipe.inference.encoding import collate, encode_texts
@@ -49,6 +50,7 @@ log = logging.getLogger("lmpipe.finetune.finetuning")
 
 CHUNK_BATCHES = 50  # batches per sorting chunk: similar lengths per batch, still a random order
 EVAL_BATCH = 64  # examples per validation forward pass (length-sorted, so little padding)
+PEFT_MODES = ("adalora", "prefix", "adapter")  # lmpipe.finetune.peft_modes
 
 
 # --------------------------------------------------------------------------- batching
@@ -138,13 +140,20 @@ def build_classifier(
     unfreeze_top_layers: int = 0,
     lora: Any = None,
     init: str = "pretrained",
+    settings: Any = None,
+    total_steps: int = 0,
+    key: str = "finetune mode",
 ) -> Any:
     """A sequence classifier on `backbone_dir`, its trainable parameters set by `mode`.
 
     `init="random"` builds the same architecture (the folder's config.json) with fresh weights
     drawn from `seed` instead of loading the checkpoint: the random-init control arm.
-    `lora` is the finetune.lora params section (rank, alpha, dropout, target_modules).
-    Returns a transformers model (`full`, `frozen`) or a peft model (`lora`).
+    `lora` is the finetune.lora params section (rank, alpha, dropout, target_modules);
+    `settings` the finetune section whose adalora / prefix / adapter settings those modes read,
+    `total_steps` the optimizer steps AdaLoRA schedules its pruning over, `key` the params key
+    an unsupported combination is reported under (finetune.backbones.<name>.mode).
+    Returns a transformers model (`full`, `frozen`), a peft model (`lora`, `adalora`) or a
+    lmpipe.inference.peft_modules wrapper (`prefix`, `adapter`).
     """
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -177,7 +186,15 @@ def build_classifier(
         return _freeze(model, unfreeze_top_layers)
     if mode == "lora":
         return _add_lora(model, lora, seed)
-    raise LmpipeError(f"finetune mode must be one of ['full', 'frozen', 'lora'] (got {mode!r})")
+    if mode in PEFT_MODES and settings is None:
+        raise LmpipeError(f"{mode} mode needs the finetune params section")
+    if mode == "adalora":
+        return peft_modes.add_adalora(model, settings.adalora, total_steps, seed)
+    if mode == "prefix":
+        return peft_modes.add_prefix(model, settings.prefix, head_prefixes(model), seed, key)
+    if mode == "adapter":
+        return peft_modes.add_adapter(model, settings.adapter, head_prefixes(model), seed, key)
+    raise LmpipeError(f"{key} must be one of {['full', 'frozen', 'lora', *PEFT_MODES]} (got {mode!r})")
 
 
 def _encoder_layers(model: Any) -> Any:
@@ -248,7 +265,8 @@ def count_params(model: Any) -> tuple[int, int]:
 
 
 def plain_model(model: Any) -> Any:
-    """The model as a plain transformers model: LoRA adapters merged into the weights."""
+    """The model to save: LoRA / AdaLoRA adapters merged into a plain transformers model; a prefix or
+    adapter wrapper stays as it is (save_classifier writes its extra weights beside)."""
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
@@ -289,8 +307,9 @@ def classifier_flops_per_token(config: Any, seq_len: int, mode: str, unfrozen_la
 
     Per layer, the forward costs F = encoder_flops / 3 and the backward 2F (activation grads F,
     weight grads F). full: 3F per layer; frozen: F per frozen layer (nothing below needs
-    gradients) and 3F per unfrozen top layer; lora: 2F per layer (activation grads flow through
-    every layer, weight grads only for the tiny adapters). The classifier head is negligible.
+    gradients) and 3F per unfrozen top layer; lora, adalora, prefix, adapter: 2F per layer
+    (activation grads flow through every layer, weight grads only for the small added weights).
+    The classifier head, the adapters and the prefix keys are negligible.
     """
     from lmpipe.train.flops import encoder_flops_per_token, ffn_matrices
 
@@ -386,11 +405,13 @@ def load_finetune_splits(processed_dir: str | Path, cfg: Any, seed: int) -> tupl
     return names, ([texts[i] for i in keep], labels[keep]), val
 
 
-def classifier_for(run: Any, cfg: Any, names: list[str], seed: int) -> Any:
+def classifier_for(run: Any, cfg: Any, names: list[str], seed: int, backbone: str = "<name>") -> Any:
     """The classifier of backbone run `run` (its own LoRA targets if set); max_length must fit it."""
-    lora = cfg.lora
+    lora, settings = cfg.lora, cfg
     if run.lora_target_modules is not None:
-        lora = lora.model_copy(update={"target_modules": list(run.lora_target_modules)})
+        targets = {"target_modules": list(run.lora_target_modules)}
+        lora = lora.model_copy(update=targets)
+        settings = cfg.model_copy(update={"adalora": cfg.adalora.model_copy(update=targets)})
     model = build_classifier(
         run.source,
         names,
@@ -399,6 +420,9 @@ def classifier_for(run: Any, cfg: Any, names: list[str], seed: int) -> Any:
         init=run.init,
         unfreeze_top_layers=cfg.frozen.unfreeze_top_layers,
         lora=lora,
+        settings=settings,
+        total_steps=run.max_steps,
+        key=f"finetune.backbones.{backbone}.mode",
     )
     positions = getattr(model.config, "max_position_embeddings", cfg.max_length)
     if cfg.max_length > positions:
@@ -423,6 +447,7 @@ def finetune_report(result: Any, run: Any, cfg: Any, backbone: str, counts: dict
     }
     metrics = {
         **best,
+        "mode": run.mode,
         "best_step": result.best_step,
         "steps": result.steps,
         "stopped_early": result.stopped_early,
@@ -455,9 +480,9 @@ def run_finetune(
     names, (texts, labels), (val_texts, val_labels) = load_finetune_splits(processed_dir, cfg, seed)
     train_texts, train_labels, augmented = augmentation.augment_train(texts, labels, cfg.augmentation, seed, tracker)
     tokenizer = load_tokenizer(run.source)
-    model = classifier_for(run, cfg, names, seed)
+    model = classifier_for(run, cfg, names, seed, backbone)
     fgm = adversarial.build(cfg.adversarial.method, cfg.adversarial.epsilon, model)  # None when off
-    trainable, _ = count_params(model)
+    trainable, trained_total = count_params(model)  # adapters / prefixes included
     train_enc = encode_texts(tokenizer, train_texts, cfg.max_length, cfg.truncation)
     val_enc = encode_texts(tokenizer, val_texts, cfg.max_length, cfg.truncation)
     pad_id = tokenizer.pad_token_id
@@ -477,7 +502,7 @@ def run_finetune(
     )
     result = train(
         model,
-        loss_fn=classification_loss,
+        loss_fn=peft_modes.adalora_loss if run.mode == "adalora" else classification_loss,
         batch_at=batch_at,
         evaluate=make_evaluator(val_enc, val_labels, pad_id),
         config=train_config(params, backbone, model.config.num_hidden_layers),
@@ -493,20 +518,23 @@ def run_finetune(
         perf_curve=perf_curve,
         desc=f"finetune@{backbone}",
         adversarial=fgm,
+        step_hook=peft_modes.AdaLoraStep(model) if run.mode == "adalora" else None,
     )
     plain = plain_model(model).to("cpu")
     _, total = count_params(plain)
+    share = trainable / trained_total
     log.info(
         "finetune@%s (%s): %s of %s parameters trained (%.2f%%)",
         backbone,
         run.mode,
         f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / total,
+        f"{trained_total:,}",
+        100 * share,
     )
     counts = {
         "trainable_params": trainable,
-        "total_params": total,
+        "trainable_share": share,  # of the model as trained (LoRA factors, prefixes, adapters included)
+        "total_params": total,  # of the saved model (LoRA merged)
         "train_examples": len(texts),
         "val_examples": len(val_texts),
         "mean_tokens": float(np.mean(lengths)),

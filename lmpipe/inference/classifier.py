@@ -1,7 +1,10 @@
 """The fine-tuned classifier folder: a plain HF folder plus `lmpipe.json` saying how to encode text.
 
-Written by the finetune stage (`save_classifier`), read by evaluate, export and studies
-(`load_classifier`, `read_info`). Bytes are stable: safetensors and JSON keys sorted, no paths or
+Written by the finetune stage (`save_classifier`), read by evaluate, export, predict and studies
+(`load_classifier`, the one loader, and `read_info`). A prefix-tuned or adapter model (weights that
+cannot be merged into the HF ones) also holds `peft.safetensors`, described by the `peft` entry of
+`lmpipe.json`; `load_classifier` rebuilds it (lmpipe.inference.peft_modules), so never load such a
+folder with `AutoModelForSequenceClassification` alone. Bytes are stable: safetensors and JSON keys sorted, no paths or
 times inside. transformers is imported on use.
 """
 
@@ -14,6 +17,7 @@ from typing import Any
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import write_json
+from lmpipe.inference import peft_modules
 
 INFO_FILE = "lmpipe.json"
 
@@ -28,12 +32,22 @@ def quiet_transformers() -> None:
 def save_classifier(model: Any, tokenizer: Any, out_dir: str | Path, info: dict[str, Any]) -> None:
     """Write a plain HF folder (safetensors, config, tokenizer) and `lmpipe.json` = info.
 
-    The caller passes a merged (plain) model and writes into a temporary folder (atomic_dir).
+    The caller passes a merged (plain) model, or a prefix / adapter wrapper
+    (lmpipe.inference.peft_modules) whose extra weights go to `peft.safetensors` and whose
+    description goes to info["peft"]; it writes into a temporary folder (atomic_dir).
     Bytes are stable: safetensors and json keys are sorted, no paths or times are written.
     """
 
     quiet_transformers()
     out_dir = Path(out_dir)
+    if peft_modules.is_wrapped(model):
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        extra = {k: v.detach().contiguous() for k, v in sorted(model.extra.state_dict().items())}
+        save_file(extra, str(out_dir / peft_modules.PEFT_FILE))
+        info = {**info, "peft": model.describe()}
+        model = model.model
     model.config.name_or_path = ""  # never an absolute path in the saved config
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.model_max_length = int(info["max_length"])  # pipeline(..., truncation=True) cuts here
@@ -48,13 +62,30 @@ def save_classifier(model: Any, tokenizer: Any, out_dir: str | Path, info: dict[
 
 def load_classifier(model_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, lmpipe.json) of a folder written by save_classifier."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
     info = read_info(model_dir)
+    model = load_model(model_dir, info)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return model, tokenizer, info
+
+
+def load_model(model_dir: str | Path, info: dict[str, Any] | None = None) -> Any:
+    """The one loader of a fine-tuned classifier (eval mode): the plain HF model, or the prefix /
+    adapter wrapper rebuilt from `peft.safetensors` when lmpipe.json has a `peft` entry."""
+    from transformers import AutoModelForSequenceClassification
+
+    info = read_info(model_dir) if info is None else info
     quiet_transformers()
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    return model.eval(), tokenizer, info
+    if "peft" in info:
+        from safetensors.torch import load_file
+
+        extra = Path(model_dir) / peft_modules.PEFT_FILE
+        if not extra.is_file():
+            raise LmpipeError(f"{extra}: file not found (lmpipe.json has a peft entry)")
+        model = peft_modules.rebuild(model, info["peft"], load_file(str(extra)), str(Path(model_dir) / INFO_FILE))
+    return model.eval()
 
 
 def read_info(model_dir: str | Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.inference.batched import batched_logits, iter_batches, torch_forward
-from lmpipe.inference.classifier import INFO_FILE, quiet_transformers, read_info
+from lmpipe.inference.classifier import INFO_FILE, load_model, quiet_transformers, read_info
 from lmpipe.inference.encoding import encode_texts
 from lmpipe.task.metrics import softmax
 
@@ -107,11 +107,10 @@ class Predictor:
     def _open_torch(self, threads: int) -> None:
 
         import torch
-        from transformers import AutoModelForSequenceClassification
 
         if threads:
             torch.set_num_threads(threads)
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(self.hf)).eval()
+        self.model = load_model(self.hf)  # the one loader: plain HF, or prefix / adapter rebuilt
         accepted = set(inspect.signature(self.model.forward).parameters)
         self.input_names = [n for n in self.tokenizer.model_input_names if n in accepted]
         self.forward = torch_forward(self.model, "cpu")

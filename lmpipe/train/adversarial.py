@@ -38,11 +38,16 @@ BackwardPass = Callable[[float], "tuple[torch.Tensor, Any]"]
 
 
 def input_embeddings(model: Any, key: str) -> torch.nn.Module:
-    """The word-embedding module of a transformers (or peft) model; an error naming `key` if none."""
+    """The word-embedding module of a transformers or peft model, or of the transformers model a
+    wrapper holds as `.model` (the prefix and adapter modes); an error naming `key` if none."""
     import torch
 
-    getter = getattr(model, "get_input_embeddings", None)
-    module = getter() if callable(getter) else None
+    module = None
+    for candidate in (model, getattr(model, "model", None)):
+        getter = getattr(candidate, "get_input_embeddings", None)
+        module = getter() if callable(getter) else None
+        if module is not None:
+            break
     if not isinstance(module, torch.nn.Embedding):
         raise LmpipeError(
             f"params.yaml: {key} needs a model with a word-embedding layer "

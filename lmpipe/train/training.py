@@ -521,6 +521,8 @@ class _Run:
     """The parameters that require grad (clipped every step), listed once."""
     adversarial: Adversarial | None = None
     """Runs each micro-batch's passes itself (e.g. lmpipe.train.adversarial.FGM); None = one plain pass."""
+    step_hook: Any = None
+    """Called with the 0-based step after each optimizer step, before the gradients are cleared."""
 
     @classmethod
     def start(
@@ -576,6 +578,8 @@ class _Run:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if "step_hook" in ckpt:
+            self.step_hook.load_state_dict(ckpt["step_hook"])
         state = LoopState.from_checkpoint(ckpt, self.info.rank)
         if self.info.is_main:
             log.info("resuming from %s at step %d", self.checkpoint_dir / CHECKPOINT_FILE, state.step)
@@ -604,6 +608,8 @@ class _Run:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
         state.window["lr"] = self.optimizer.param_groups[0]["lr"]  # the lr this step used
         self.optimizer.step()
+        if self.step_hook is not None:
+            self.step_hook(state.step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
@@ -717,6 +723,7 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),
             "ranks": ranks,
             **state.to_checkpoint(),
+            **({"step_hook": self.step_hook.state_dict()} if hasattr(self.step_hook, "state_dict") else {}),
         }
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / CHECKPOINT_FILE
@@ -776,6 +783,7 @@ def train(
     perf_curve: str | Path | None = None,
     desc: str = "train",
     adversarial: Adversarial | None = None,
+    step_hook: Any = None,
 ) -> TrainResult:
     """Train `model` in place; see the module docstring for the contract of each callable.
 
@@ -791,6 +799,7 @@ def train(
     perf_curve: rank 0 writes PERF_COLUMNS (tokens/s, MFU) to this CSV, apart from the curves
         above so that they repeat byte for byte on a rerun.
     adversarial: runs each micro-batch's passes itself (see `Adversarial`); None = one plain pass.
+    step_hook: `hook(step)` after each optimizer step (AdaLoRA); its state_dict(), if any, is checkpointed.
     """
     run = _Run.start(
         model,
@@ -806,6 +815,7 @@ def train(
         peak_flops=peak_flops,
         desc=desc,
         adversarial=adversarial,
+        step_hook=step_hook,
     )
     state = run.resume()
     resumed_from = state.step

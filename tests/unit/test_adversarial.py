@@ -100,16 +100,23 @@ def test_perturbation_has_norm_epsilon_along_the_gradient():
     assert torch.equal(fgm.perturbation(torch.tensor([float("nan")])), torch.zeros(1))
 
 
-@pytest.mark.parametrize("mode", ["frozen", "lora"])
+@pytest.mark.parametrize("mode", ["frozen", "lora", "adalora", "prefix", "adapter"])
 def test_fgm_reaches_frozen_embeddings_in_every_mode(backbone, tokenizer, mode):
-    model = ft.build_classifier(backbone, LABELS, mode=mode, seed=0, lora=LoraParams(rank=4)).eval()
-    assert not model.get_input_embeddings().weight.requires_grad
+    from tests.unit.test_peft_modes import build as build_peft
+
+    if mode in ("frozen", "lora"):
+        model = ft.build_classifier(backbone, LABELS, mode=mode, seed=0, lora=LoraParams(rank=4))
+    else:
+        model = build_peft(backbone, mode)
+    model.eval()
+    embeddings = adversarial.input_embeddings(model, "finetune.adversarial.method")
+    assert not embeddings.weight.requires_grad
     batch = a_batch(tokenizer)
     plain = grads_after(model, batch)
     fgm = adversarial.build("fgm", 5.0, model)
     attacked = grads_after(model, batch, fgm)
     fgm.close()
-    assert model.get_input_embeddings().weight.grad is None  # the frozen weights still get no gradient
+    assert embeddings.weight.grad is None  # the frozen weights still get no gradient
     assert any(not torch.allclose(plain[k], attacked[k]) for k in plain)
 
 

@@ -12,6 +12,7 @@ import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -104,6 +105,8 @@ def _build_project(root: Path) -> Path:
     test_texts, test_labels = _texts(60, seed=1)
     pd.DataFrame({"text": test_texts, "label": test_labels}).to_parquet(processed / "test.parquet")
     (processed / "labels.json").write_text(json.dumps({"labels": LABELS}), encoding="utf-8")
+    val_texts, val_labels = _texts(80, seed=6)  # calibrates ensembles (tests/unit/test_ensemble.py)
+    pd.DataFrame({"text": val_texts, "label": val_labels}).to_parquet(processed / "val.parquet")
 
     train_texts, train_labels = _texts(200, seed=2)
     _, blob = baseline.fit(train_texts, train_labels, BaselineParams(), 0, LABELS)
@@ -145,6 +148,17 @@ def store(tmp_path_factory) -> str:
     """One SQLite MLflow store for the module's MLflow tests (creating one costs ~5 s);
     each test uses its own experiment."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def write_params(root: Path, **evaluate: Any) -> None:
+    """The shipped params.yaml into `root`, with `tiny`/`tiny_random` as backbones and `evaluate` keys set."""
+    import yaml
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text(encoding="utf-8"))
+    backbones = params["finetune"]["backbones"]
+    params["finetune"]["backbones"] = {"tiny": backbones["scratch"], "tiny_random": backbones["random"]}
+    params["evaluate"].update(evaluate)
+    (root / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -347,7 +361,7 @@ def test_stage_logs_all_params_flat_metrics_artifacts_and_upstream_runs(project,
 
     root = tmp_path / "proj"
     shutil.copytree(project, root)
-    shutil.copy(Path(__file__).resolve().parents[2] / "params.yaml", root / "params.yaml")
+    write_params(root, ensembles={})  # the shipped ensemble names backbones this project lacks
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     client = MlflowClient(store)

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pandas as pd
 import pytest
 import yaml
@@ -495,7 +496,7 @@ def test_each_pretrained_encoder_family_exports_to_onnx_with_parity(tmp_path, fa
     config.num_labels = 2
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).eval()
-    names = onnx_export.export_classifier(model, BertTokenizerFast(vocab=VOCAB), tmp_path / "m.onnx", 18)
+    names = onnx_export.export_classifier(model, BertTokenizerFast(vocab=VOCAB), tmp_path / "m.onnx", 23)
     session = ort.InferenceSession(str(tmp_path / "m.onnx"))
     rng = np.random.default_rng(1)
     for batch, length in [(1, 5), (4, MAX_LENGTH)]:
@@ -508,6 +509,52 @@ def test_each_pretrained_encoder_family_exports_to_onnx_with_parity(tmp_path, fa
         with torch.no_grad():
             ref = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
         np.testing.assert_allclose(session.run(None, feed)[0], ref, atol=1e-4)
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node}
+    if family == "modernbert":  # fused nodes, not ~40 elementwise ones per layer
+        assert {"Attention", "RotaryEmbedding"} <= ops
+        assert "Split" not in ops  # GeGLU's split projection became two MatMuls
+    onnx_export.quantize_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx")
+    int8 = ort.InferenceSession(str(tmp_path / "m.int8.onnx"))  # no com.microsoft QAttention: it loads
+    assert int8.run(None, feed)[0].shape == ref.shape
+
+
+OUTPUT_SHAPES = {"a": [2, 2, 3], "b": [2, 2, 3], "c": [2, 1, 6], "d": [2, 1, 6], "e": [2, 2, 6]}
+
+
+def test_split_matmul_pass_keeps_the_products_and_skips_what_it_cannot_split():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lmpipe.export import graph_passes
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((4, 6)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Split", ["h"], ["a", "b"], axis=2, num_outputs=2),
+        helper.make_node("MatMul", ["x", "w"], ["h2"], name="shared"),  # read twice: left alone
+        helper.make_node("Split", ["h2"], ["c", "d"], axis=1, num_outputs=2),  # not the last axis
+        helper.make_node("Identity", ["h2"], ["e"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2, 4])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n, shape in OUTPUT_SHAPES.items()],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    before = ort.InferenceSession(model.SerializeToString())
+    x = rng.standard_normal((2, 2, 4)).astype(np.float32)
+    expected = before.run(None, {"x": x})
+
+    assert graph_passes.split_matmuls(model) == 1
+    onnx.checker.check_model(model)
+    ops = [node.op_type for node in model.graph.node]
+    assert ops.count("Split") == 1 and ops.count("MatMul") == 3
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    for got, want in zip(after, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_lineage_leaves_out_timing_files_so_a_rerun_exports_the_same_bytes():
