@@ -460,6 +460,27 @@ def finetune_report(result: Any, run: Any, cfg: Any, backbone: str, counts: dict
     return info, metrics
 
 
+def train_batches(
+    cfg: Any, seed: int, tokenizer: Any, texts: list[str], labels: np.ndarray, tracker: Any = None
+) -> tuple[Callable, list[int], float, dict[str, int]]:
+    """(batch_at, token lengths, padding share, augmentation figures) of the train split,
+    augmented first when finetune.augmentation is on (the train split only)."""
+    texts, labels, augmented = augmentation.augment_train(texts, labels, cfg.augmentation, seed, tracker)
+    encoded = encode_texts(tokenizer, texts, cfg.max_length, cfg.truncation)
+    batch_at = make_batch_at(
+        encoded,
+        labels,
+        batch_size=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        seed=seed,
+        pad_id=tokenizer.pad_token_id,
+    )
+    buckets = batch_at.buckets  # type: ignore[attr-defined]
+    lengths = [len(x) for x in encoded["input_ids"]]
+    pad = padding_share([buckets.indices(i) for i in range(buckets.batches_per_epoch)], lengths)
+    return batch_at, lengths, pad, augmented
+
+
 def run_finetune(
     params: Any,
     backbone: str,
@@ -478,24 +499,17 @@ def run_finetune(
     cfg, seed = params.finetune, params.base.seed
     run = cfg.backbones[backbone]
     names, (texts, labels), (val_texts, val_labels) = load_finetune_splits(processed_dir, cfg, seed)
-    train_texts, train_labels, augmented = augmentation.augment_train(texts, labels, cfg.augmentation, seed, tracker)
     tokenizer = load_tokenizer(run.source)
     model = classifier_for(run, cfg, names, seed, backbone)
     fgm = adversarial.build(cfg.adversarial.method, cfg.adversarial.epsilon, model)  # None when off
     trainable, trained_total = count_params(model)  # adapters / prefixes included
-    train_enc = encode_texts(tokenizer, train_texts, cfg.max_length, cfg.truncation)
+    batch_at, lengths, pad, augmented = train_batches(cfg, seed, tokenizer, texts, labels, tracker)
     val_enc = encode_texts(tokenizer, val_texts, cfg.max_length, cfg.truncation)
     pad_id = tokenizer.pad_token_id
-    batch_at = make_batch_at(
-        train_enc, train_labels, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, seed=seed, pad_id=pad_id
-    )
-    buckets = batch_at.buckets  # type: ignore[attr-defined]
-    lengths = [len(x) for x in train_enc["input_ids"]]
-    pad = padding_share([buckets.indices(i) for i in range(buckets.batches_per_epoch)], lengths)
     log.info(
         "finetune@%s: %d train / %d val examples, %.0f tokens each on average, %.1f%% padding with length bucketing",
         backbone,
-        len(train_texts),
+        len(lengths),
         len(val_texts),
         np.mean(lengths),
         100 * pad,

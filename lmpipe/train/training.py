@@ -522,7 +522,8 @@ class _Run:
     adversarial: Adversarial | None = None
     """Runs each micro-batch's passes itself (e.g. lmpipe.train.adversarial.FGM); None = one plain pass."""
     step_hook: Any = None
-    """Called with the 0-based step after each optimizer step, before the gradients are cleared."""
+    """Called with the 0-based step after each optimizer step, before the gradients are cleared;
+    its state_dict(), if any, is checkpointed (AdaLoRA's rank allocator)."""
 
     @classmethod
     def start(
@@ -796,10 +797,8 @@ def train(
         peak FLOP/s; MFU is None unless both are given.
     curves_dir: rank 0 writes `train_curve.csv` (TRAIN_COLUMNS) and `eval_curve.csv`
         (step + sorted evaluate() keys) there at the end.
-    perf_curve: rank 0 writes PERF_COLUMNS (tokens/s, MFU) to this CSV, apart from the curves
-        above so that they repeat byte for byte on a rerun.
-    adversarial: runs each micro-batch's passes itself (see `Adversarial`); None = one plain pass.
-    step_hook: `hook(step)` after each optimizer step (AdaLoRA); its state_dict(), if any, is checkpointed.
+    perf_curve: rank 0 writes PERF_COLUMNS (tokens/s, MFU) to this CSV, apart from the curves, which repeat.
+    adversarial, step_hook: optional hooks, see `Adversarial` and `_Run.step_hook` (AdaLoRA); None = unused.
     """
     run = _Run.start(
         model,
@@ -847,5 +846,4 @@ def train(
     finally:
         term.restore()
         bar.close()
-    # ---- the weights to return, curves, totals
     return run.result(state, resumed_from, curves_dir, perf_curve)
