@@ -16,7 +16,8 @@ Sides (each in its own process, interleaved):
   hashes, the housekeeping) came before the work.
 - `floor`: a process that imports `lmpipe.core.params` and validates params.yaml, then stops:
   what any stage that reads its params must pay (reported in the notes).
-Rows: start-up per stage (ours vs before) and wall time to exit per stage.
+Rows: start-up per stage (ours vs before) and wall time to exit per stage. Both sides must write
+the same bytes (DVC md5 of data/raw, data/processed, models/baseline), or the run fails.
 
 Text: the first `rows` reviews of `data/raw/a1_IMDB_Dataset.csv` when it exists, else generated.
 """
@@ -24,10 +25,10 @@ Text: the first `rows` reviews of `data/raw/a1_IMDB_Dataset.csv` when it exists,
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ MODULE = "bench.startup"
 IMDB = Path("data/raw/a1_IMDB_Dataset.csv")
 STAGES = ("fetch", "preprocess", "baseline")
 SIDES = ("ours", "before", "floor")
+OUTPUTS = ("data/raw", "data/processed", "models/baseline")
 PEER_REV = "4521276ff480930de9e08b202af052fbab328937"  # main just before the tracker opened in the background
 MARK = "LMPIPE-BENCH work starts at"
 WRAPPER = f"""
@@ -156,14 +158,19 @@ def run_side(side: str, config: dict[str, Any]) -> dict[str, Any]:
             module = "floor" if side == "floor" else f"stages.{stage}"
             startup, wall = time_process(code, project, env, module)
             result["startup_s"][stage], result["wall_s"][stage] = startup, wall
-        if side != "floor":
-            shutil.rmtree(project / ".lmpipe", ignore_errors=True)
+        if side != "floor":  # the same work on both sides: the same output bytes
+            from lmpipe.core.lineage import dvc_md5
+
+            result["outputs"] = {out: dvc_md5(project / out) for out in OUTPUTS}
     result["summary"] = ", ".join(f"{k} {v:.2f} s" for k, v in result["startup_s"].items())
     return result
 
 
 def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
     runs = common.interleave(MODULE, SIDES, config, repeats, common.log)
+    outputs = {json.dumps(r["outputs"], sort_keys=True) for side in ("ours", "before") for r in runs[side]}
+    if len(outputs) != 1:
+        raise RuntimeError(f"ours and {config['peer_rev'][:7]} wrote different outputs: not comparable {outputs}")
 
     def med(side: str, kind: str, stage: str) -> float:
         return round(common.median([r[kind][stage] for r in runs[side]]), 3)
