@@ -179,10 +179,13 @@ class Tracker:
 
     def _emit(self, record: dict[str, Any]) -> None:
         with self._lock:
-            if self._pending is not None:
-                self._pending.append(self._hold(record))
+            if self._pending is None:
+                self._send(record)
                 return
-            self._send(record)
+            try:
+                self._pending.append(self._hold(record))
+            except Exception as exc:  # e.g. an artifact that is not there: never a reason to stop
+                warnings.warn(f"MLflow: {record['op']} record dropped, it could not be kept: {exc}", stacklevel=3)
 
     def _send(self, record: dict[str, Any]) -> None:
         if self._client is not None:
@@ -347,9 +350,11 @@ def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def _open_run(stage: str, tags: dict[str, str], experiment: str) -> Tracker:
+def _open_run(stage: str, tags: dict[str, str], experiment: str, start_ms: int | None = None) -> Tracker:
+    """Open the run (start time `start_ms`, default now); a spool journal when the store fails."""
     uri, root = default_tracking_uri(), project_root()
-    start = {"op": "start", "experiment": experiment, "run_name": stage, "tags": tags, "start_time": _now_ms()}
+    start_ms = start_ms or _now_ms()
+    start = {"op": "start", "experiment": experiment, "run_name": stage, "tags": tags, "start_time": start_ms}
     if not reachable(uri):
         return _offline(root, start, f"MLflow tracking server {uri} is not reachable")
     try:
@@ -359,7 +364,7 @@ def _open_run(stage: str, tags: dict[str, str], experiment: str) -> Tracker:
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         _housekeeping(client, uri, tags[TAG_PROJECT], root)
-        run = client.create_run(_experiment_id(client, experiment, uri), run_name=stage, tags=tags)
+        run = client.create_run(_experiment_id(client, experiment, uri), start_time=start_ms, tags=tags, run_name=stage)
     except Exception as exc:
         return _offline(root, start, f"MLflow store {uri} failed ({exc})")
     tracker = Tracker(client, run.info.run_id)
@@ -521,8 +526,10 @@ def stage_run(
         return
     cwd = Path.cwd()
     experiment = getattr(getattr(params, "base", None), "experiment", "lmpipe")
-    tracker = Tracker()
-    tracker.open_in_background(lambda: _open_run(stage, _start_tags(stage, inputs, extra_tags, cwd), experiment))
+    tracker, start_ms = Tracker(), _now_ms()  # the run starts when the stage does, not when it is open
+    tracker.open_in_background(
+        lambda: _open_run(stage, _start_tags(stage, inputs, extra_tags, cwd), experiment, start_ms)
+    )
     if params is not None:
         dumped = params.model_dump(mode="json")
         chosen = dumped if "*" in sections else {k: dumped[k] for k in ("base", *sections)}

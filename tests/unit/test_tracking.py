@@ -254,6 +254,8 @@ def test_the_body_works_while_the_run_opens_and_what_it_logs_meanwhile_arrives(
             t.log_dict(payload, "extra/d.json")
             payload["a"].append(2)  # changed after logging: the run keeps what was logged
             (tmp_path / "notes.txt").write_text("changed before the run opened\n")
+            with pytest.warns(UserWarning, match="could not be kept"):
+                t.log_artifact(tmp_path / "missing.txt")  # a warning, not the end of the stage
         finally:
             gate.set()  # (also when an assertion above fails: the stage's end waits for the open)
         assert t.run_id is not None and t.active  # both wait for the open
@@ -264,6 +266,7 @@ def test_the_body_works_while_the_run_opens_and_what_it_logs_meanwhile_arrives(
     client = MlflowClient(tracking_uri)
     history = client.get_metric_history(run.info.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
+    assert run.info.start_time <= min(m.timestamp for m in history)  # the run starts with the stage
     notes = client.download_artifacts(run.info.run_id, "notes/notes.txt", str(tmp_path / "dl"))
     assert open(notes).read() == "as logged\n"
     extra = client.download_artifacts(run.info.run_id, "extra/d.json", str(tmp_path / "dl"))
