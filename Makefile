@@ -12,7 +12,7 @@ PORT ?= 5000
 
 MODEL ?= models:/lmpipe-classifier/latest
 
-.PHONY: setup repro test lint format compare ui serve bench study chaos clean-venv
+.PHONY: setup repro test lint format compare ui serve bench study toolbox chaos clean-venv
 
 setup: $(STAMP)
 
@@ -61,6 +61,12 @@ STUDY_ARGS ?=
 study: setup
 	$(BIN)/dvc repro tokenize
 	$(BIN)/python -m studies.pretraining_payoff $(STUDY_ARGS)
+
+# Fine-tuning methods side by side: one `dvc exp run --temp evaluate -S ...` per method on the
+# default data and budget (~25 min on 2 cores, after `make repro`). Writes reports/toolbox/.
+TOOLBOX_ARGS ?=
+toolbox: setup
+	$(BIN)/python -m studies.toolbox $(TOOLBOX_ARGS)
 
 # SIGKILL `dvc repro` of the tiny test DAG at seeded points of training, rerun, compare every
 # model's md5 with an uninterrupted run (~10 min on 2 cores); tests/integration/chaos.py

@@ -21,6 +21,7 @@ present, else generated text long enough to fill 128 tokens.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import tempfile
@@ -253,6 +254,7 @@ def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
     loads = common.load_note(runs)
     diffs = {side: _max_diff(runs[side][0]["logits"], first["logits"]) for side in ("onnx", "onnx-int8")}
     what += f"; max |logit - torch| on a 32-text batch: fp32 {diffs['onnx']:.1e}, int8 {diffs['onnx-int8']:.1e}"
+    what += _export_parity(model_dir)
     rows = []
     for side in ("onnx", "onnx-int8"):
         size = f"weights {runs[side][0]['weights_mb']} MB vs {runs['torch'][0]['weights_mb']} MB"
@@ -296,6 +298,21 @@ def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
             )
         )
     return {"benchmark": "inference", "description": what, "rows": rows, "medians": m, "runs": runs, "model": facts}
+
+
+def _export_parity(model_dir: Path) -> str:
+    """The export stage's own parity figures for this model (accuracy drop of int8), if recorded."""
+    report = Path("reports/export/metrics.json")
+    if model_dir != EXPORT or not report.is_file():
+        return ""
+    parity = json.loads(report.read_text(encoding="utf-8")).get("parity", {})
+    if "int8_accuracy_drop" not in parity:
+        return ""
+    return (
+        f"; export parity on {parity['samples']} test texts: torch accuracy {parity['torch_accuracy']:.4f}, "
+        f"int8 {parity['int8_accuracy']:.4f} (drop {parity['int8_accuracy_drop'] * 100:.2f} points), "
+        f"fp32 max |logit diff| {parity['onnx_max_abs_logit_diff']:.1e}"
+    )
 
 
 def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:

@@ -460,6 +460,23 @@ class EvaluateParams(Schema):
 
 
 # --------------------------------------------------------------------------- export
+class TrimParams(Schema):
+    drop_layers: int = Field(0, ge=0)
+    """Top encoder layers removed from the exported model before ONNX and int8 (0 = none); no
+    retraining, so the trimmed model must stay within `max_accuracy_drop` of the untrimmed one."""
+    sweep: list[int] = [1]
+    """Further layer drops measured (size, latency, accuracy on the parity texts) and reported
+    beside the untrimmed model; reported only, not shipped."""
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    """A trim (`drop_layers` > 0) losing more accuracy than this on the parity texts fails the stage."""
+
+    @model_validator(mode="after")
+    def _sweep_positive(self) -> "TrimParams":
+        if any(k < 1 for k in self.sweep):
+            raise ValueError(f"sweep: layer drops must be >= 1 (got {self.sweep})")
+        return self
+
+
 class ExportParams(Schema):
     model: str = "best"
     """Which fine-tuned backbone to export: a key of finetune.backbones, or `best` by selection_metric."""
@@ -479,6 +496,8 @@ class ExportParams(Schema):
     """int8 ONNX may lose at most this much accuracy against torch on the parity samples."""
     registered_name: str = Field("lmpipe-classifier", min_length=1)
     """MLflow Model Registry name the exported model is registered under."""
+    trim: TrimParams = TrimParams()
+    """Dropping top encoder layers before quantization, and the size/latency/accuracy sweep."""
 
 
 # --------------------------------------------------------------------------- all

@@ -1,4 +1,9 @@
-"""What every `python -m stages.NAME` shares: the entry guard and the torch set-up."""
+"""What every `python -m stages.NAME` shares: the entry guard, the start-up clock and the torch set-up.
+
+Start-up is the time from the process's start (as the kernel records it) to the moment the
+stage's work begins, i.e. the body of `lmpipe.core.tracking.stage_run`: interpreter, imports,
+params, input checks. `work_started` logs it; the tracker records it as `startup_seconds`.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,31 @@ import logging
 import os
 import random
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
 from lmpipe.core.errors import LmpipeError, Terminated
 from lmpipe.core.io import user_error
+
+log = logging.getLogger("lmpipe.core.stage")
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc/self/stat field 22, 10 ms ticks); None elsewhere."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def work_started(stage: str) -> float | None:
+    """Log how long this process took to start working on `stage`; return those seconds."""
+    age = process_age()
+    if age is not None:
+        log.info("%s: work starts %.2f s after process start", stage, age)
+    return age
 
 
 def run(main: Callable[[], Any]) -> None:

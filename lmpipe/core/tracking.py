@@ -14,22 +14,30 @@ store cannot be reached, at the start or mid-run, the stage warns once and goes 
 what it would have sent to `<project>/.lmpipe/spool/` (lmpipe.core.spool); the next stage that
 reaches the store, or `lmpipe sync`, sends it (`sync_spool`). Only rank 0 of a
 `torchrun` job logs; the other ranks get a tracker that does nothing.
+
+Opening the run costs seconds (importing MLflow ~3 s, the store, the git state, the input hashes,
+the housekeeping), so it happens in a background thread while the stage already works: what the
+stage logs meanwhile is held in order (artifacts copied, dicts deep-copied) and sent the moment
+the run is open; `run_id` and `active` wait for it, and so does the end of the stage. A failure
+of the open itself is handled as before (journal to the spool, or run untracked with a warning).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import resource
 import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +59,7 @@ from lmpipe.core.lineage import (
 from lmpipe.core.params import flatten
 from lmpipe.core.project import default_tracking_uri, project_root
 from lmpipe.core.spool import METRIC_CHUNK, Spool, apply, read_spool, spool_dir
+from lmpipe.core.stage import work_started
 
 log = logging.getLogger("lmpipe.core.tracking")
 
@@ -87,25 +96,101 @@ class Tracker:
 
     def __init__(self, client: Any = None, run_id: str | None = None, spool: Spool | None = None) -> None:
         self._client = client
-        self.run_id = run_id
+        self._run_id = run_id
         self._buffer: list[list[Any]] = []
         self.spool = spool  # set: journaling (from the start, or after a failed send)
         self._spool_root: Path | None = None  # where to open a spool if the store fails mid-run
+        self._lock = threading.Lock()  # one record at a time, in order, from any thread
+        self._opening: threading.Thread | None = None
+        self._pending: list[dict[str, Any]] | None = None  # records logged while the run opens
+        self._pending_dir: Path | None = None  # copies of the artifacts among them
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id (waits for a run still opening)."""
+        self.wait_open()
+        return self._run_id
 
     @property
     def active(self) -> bool:
-        """True while a live MLflow client backs this tracker."""
+        """True while a live MLflow client backs this tracker (waits for a run still opening)."""
+        self.wait_open()
         return self._client is not None
 
     @property
     def recording(self) -> bool:
-        """True while what is logged goes somewhere (the store or the spool)."""
-        return self._client is not None or self.spool is not None
+        """True while what is logged goes somewhere (the store, the spool, or the run being opened)."""
+        return self._pending is not None or self._client is not None or self.spool is not None
+
+    def open_in_background(self, opener: Callable[[], Tracker]) -> None:
+        """Open the run with `opener` in a thread; hold what is logged until it is open, then send it."""
+        self._pending = []
+
+        def target() -> None:
+            try:
+                opened = opener()
+            except Exception as exc:  # a tracker never kills the stage
+                warnings.warn(f"MLflow: opening the run failed, tracking off for this stage: {exc}")
+                opened = Tracker()
+            self._adopt(opened)
+
+        self._opening = threading.Thread(target=target, name="lmpipe-tracker-open", daemon=True)
+        self._opening.start()
+
+    def wait_open(self) -> None:
+        """Block until a run opened in the background is open and what was held meanwhile is sent."""
+        thread = self._opening
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def _adopt(self, opened: Tracker) -> None:
+        with self._lock:
+            self._client, self._run_id, self.spool = opened._client, opened._run_id, opened.spool
+            self._spool_root = opened._spool_root
+            pending, self._pending = self._pending or [], None
+            for record in pending:
+                self._send(record)
+        if self._pending_dir is not None:
+            shutil.rmtree(self._pending_dir, ignore_errors=True)
+
+    def _hold(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A record that stays true until sent: artifacts and figures copied now, dicts deep-copied."""
+        if record["op"] == "dict":
+            return {**record, "obj": copy.deepcopy(record["obj"])}
+        if record["op"] not in ("artifact", "figure"):
+            return record
+        if self._pending_dir is None:
+            self._pending_dir = Path(tempfile.mkdtemp(prefix="lmpipe-tracker-"))
+        folder = self._pending_dir / str(len(self._pending or ()))
+        folder.mkdir()
+        if record["op"] == "figure":
+            artifact = Path(record["artifact_file"])
+            record["figure"].savefig(folder / artifact.name)
+            parent = artifact.parent.as_posix()
+            target = str(folder / artifact.name)
+            return {"op": "artifact", "path": target, "artifact_path": None if parent == "." else parent}
+        source = Path(record["path"])
+        target = folder / source.name
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+        return {**record, "path": str(target)}
 
     def _emit(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            if self._pending is None:
+                self._send(record)
+                return
+            try:
+                self._pending.append(self._hold(record))
+            except Exception as exc:  # e.g. an artifact that is not there: never a reason to stop
+                warnings.warn(f"MLflow: {record['op']} record dropped, it could not be kept: {exc}", stacklevel=3)
+
+    def _send(self, record: dict[str, Any]) -> None:
         if self._client is not None:
             try:
-                apply(self._client, self.run_id, record)
+                apply(self._client, self._run_id, record)
                 return
             except Exception as exc:  # a tracker that is down never kills the stage
                 self._client = None
@@ -118,16 +203,16 @@ class Tracker:
                 self.spool = None
 
     def _go_offline(self, op: str, exc: Exception) -> None:
-        if self._spool_root is None or self.run_id is None:
+        if self._spool_root is None or self._run_id is None:
             warnings.warn(f"MLflow {op} failed, tracking off for this stage: {exc}", stacklevel=4)
             return
         self.spool = Spool(self._spool_root)
         warnings.warn(
-            f"MLflow {op} failed ({exc}); journaling the rest of run {self.run_id} to {self.spool.path}"
+            f"MLflow {op} failed ({exc}); journaling the rest of run {self._run_id} to {self.spool.path}"
             " (`lmpipe sync` or the next stage sends it)",
             stacklevel=4,
         )
-        self.spool.write({"op": "attach", "run_id": self.run_id, "owner": owner_tags()})
+        self.spool.write({"op": "attach", "run_id": self._run_id, "owner": owner_tags()})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.recording and tags:
@@ -265,9 +350,11 @@ def _quoted(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
-def _open_run(stage: str, tags: dict[str, str], experiment: str) -> Tracker:
+def _open_run(stage: str, tags: dict[str, str], experiment: str, start_ms: int | None = None) -> Tracker:
+    """Open the run (start time `start_ms`, default now); a spool journal when the store fails."""
     uri, root = default_tracking_uri(), project_root()
-    start = {"op": "start", "experiment": experiment, "run_name": stage, "tags": tags, "start_time": _now_ms()}
+    start_ms = start_ms or _now_ms()
+    start = {"op": "start", "experiment": experiment, "run_name": stage, "tags": tags, "start_time": start_ms}
     if not reachable(uri):
         return _offline(root, start, f"MLflow tracking server {uri} is not reachable")
     try:
@@ -277,7 +364,7 @@ def _open_run(stage: str, tags: dict[str, str], experiment: str) -> Tracker:
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         _housekeeping(client, uri, tags[TAG_PROJECT], root)
-        run = client.create_run(_experiment_id(client, experiment, uri), run_name=stage, tags=tags)
+        run = client.create_run(_experiment_id(client, experiment, uri), start_time=start_ms, tags=tags, run_name=stage)
     except Exception as exc:
         return _offline(root, start, f"MLflow store {uri} failed ({exc})")
     tracker = Tracker(client, run.info.run_id)
@@ -371,11 +458,12 @@ def _close_replayed(client: Any, run_id: str, end: dict[str, Any] | None) -> Non
         client.delete_tag(run_id, TAG_KILLED_REASON)  # closed as an orphan meanwhile; the spool knows better
 
 
-def _resources(started: float) -> dict[str, float]:
-    """Wall time of the stage body and the process's peak resident memory (this host)."""
+def _resources(started: float, startup: float | None = None) -> dict[str, float]:
+    """Wall time of the stage body, the process's peak resident memory (this host) and its start-up."""
 
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return {"stage_seconds": time.monotonic() - started, "peak_rss_mb": peak_kb / 1024}
+    measured = {"stage_seconds": time.monotonic() - started, "peak_rss_mb": peak_kb / 1024}
+    return measured if startup is None else {**measured, "startup_seconds": startup}
 
 
 def _artifact_location(uri: str) -> str | None:
@@ -398,24 +486,8 @@ def _hash_tags(kind: str, paths: list[str], root: Path) -> dict[str, str]:
     return tags
 
 
-@contextlib.contextmanager
-def stage_run(
-    stage: str,
-    params: Any = None,
-    sections: tuple[str, ...] = (),
-    inputs: tuple[str, ...] = (),
-    outputs: tuple[str, ...] = (),
-    extra_tags: dict[str, str] | None = None,
-) -> Iterator[Tracker]:
-    """Open the MLflow run of one stage execution; close it with the right status.
-
-    `sections` names the params sections the stage reads (flattened into run params; `*` =
-    all); `inputs` / `outputs` are project-relative paths whose DVC hashes become tags.
-    """
-    if not is_rank_zero():
-        yield Tracker()
-        return
-    cwd = Path.cwd()
+def _start_tags(stage: str, inputs: tuple[str, ...], extra_tags: dict[str, str] | None, cwd: Path) -> dict[str, str]:
+    """The tags a run starts with: stage, group, project, git state, owner, input hashes, extras."""
     git = git_state(cwd)
     tags = {
         TAG_STAGE: stage,
@@ -431,8 +503,33 @@ def stage_run(
         tags["mlflow.source.git.commit"] = git["rev"]
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: Any = None,
+    sections: tuple[str, ...] = (),
+    inputs: tuple[str, ...] = (),
+    outputs: tuple[str, ...] = (),
+    extra_tags: dict[str, str] | None = None,
+) -> Iterator[Tracker]:
+    """Open the MLflow run of one stage execution; close it with the right status.
+
+    `sections` names the params sections the stage reads (flattened into run params; `*` =
+    all); `inputs` / `outputs` are project-relative paths whose DVC hashes become tags. The run
+    opens in a background thread (see the module docstring): the body starts at once.
+    """
+    if not is_rank_zero():
+        yield Tracker()
+        return
+    cwd = Path.cwd()
     experiment = getattr(getattr(params, "base", None), "experiment", "lmpipe")
-    tracker = _open_run(stage, tags, experiment)
+    tracker, start_ms = Tracker(), _now_ms()  # the run starts when the stage does, not when it is open
+    tracker.open_in_background(
+        lambda: _open_run(stage, _start_tags(stage, inputs, extra_tags, cwd), experiment, start_ms)
+    )
     if params is not None:
         dumped = params.model_dump(mode="json")
         chosen = dumped if "*" in sections else {k: dumped[k] for k in ("base", *sections)}
@@ -440,6 +537,7 @@ def stage_run(
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     started = time.monotonic()
+    startup = work_started(stage)
     status = "FAILED"
     try:
         yield tracker
@@ -451,8 +549,9 @@ def stage_run(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        tracker.wait_open()
         if tracker.recording:
-            tracker.log_metrics(_resources(started))
+            tracker.log_metrics(_resources(started, startup))
             tracker.flush()
             if status == "FINISHED":
                 tracker.set_tags(_hash_tags("out", list(outputs), cwd))

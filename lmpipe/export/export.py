@@ -31,7 +31,7 @@ import numpy as np
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import read_json, write_text
 from lmpipe.core.lineage import TAG_MODEL_URI, TAG_REGISTERED_MODEL, TAG_REGISTERED_VERSION, dvc_md5, read_lock
-from lmpipe.export import model_card
+from lmpipe.export import model_card, trimming
 from lmpipe.inference.classifier import INFO_FILE
 from lmpipe.inference.predictor import Predictor, read_labels
 from lmpipe.task.splits import load_label_names, load_split, stratified_subsample
@@ -118,6 +118,25 @@ def measure_latency(predictor: Predictor, texts: Sequence[str]) -> dict[str, flo
     return {"batch1": round(batch1, 3), "batch32": round(batch32, 3)}
 
 
+def trim_before_export(hf: Path, texts: Sequence[str], y: np.ndarray, trim: Any, threads: int) -> dict[str, Any]:
+    """Measure every layer drop of `trim` on the parity texts, then cut `hf` to the shipped one."""
+    if "peft" in read_json(hf / INFO_FILE):  # prefix / adapter weights are per layer: nothing to cut
+        if trim.drop_layers:
+            trimming.trim_folder(hf, trim.drop_layers)  # raises, naming the key and the mode
+        log.info("trimming sweep skipped: %s is not a plain HF classifier", hf)
+        return {}
+    rows = trimming.sweep(hf, texts, y, trimming.settings(trim), threads, measure_latency)
+    log.info("trimming: %s", rows)
+    shipped = rows[f"drop{trim.drop_layers}"]
+    if not shipped["accuracy_drop"] <= trim.max_accuracy_drop:
+        raise LmpipeError(
+            f"{trimming.KEY}: dropping {trim.drop_layers} layers costs {shipped['accuracy_drop']:.4f} accuracy "
+            f"on {len(texts)} test examples > export.trim.max_accuracy_drop {trim.max_accuracy_drop:g}"
+        )
+    trimming.trim_folder(hf, trim.drop_layers)
+    return rows
+
+
 def build_export(source: Path, out: Path, processed: Path, cfg: Any, *, seed: int, threads: int) -> ExportResult:
     """Fill `out` with hf/ and onnx/, check parity (raising LmpipeError), measure latency."""
     from lmpipe.export.onnx_export import export_classifier, quantize_int8
@@ -126,6 +145,7 @@ def build_export(source: Path, out: Path, processed: Path, cfg: Any, *, seed: in
     copy_hf(source, hf)
     labels = check_labels(hf, source, processed)
     texts, y = parity_sample(processed, len(labels), cfg.parity_samples, seed)
+    trim_rows = trim_before_export(hf, texts, y, cfg.trim, threads)
 
     torch_model = Predictor(out, "torch", threads)
     log.info("exporting %s to ONNX (opset %d)", source, cfg.onnx_opset)
@@ -164,7 +184,7 @@ def build_export(source: Path, out: Path, processed: Path, cfg: Any, *, seed: in
         "onnx_int8": out / "onnx" / "model.int8.onnx",
     }
     sizes = {k: round(f.stat().st_size / 1e6, 3) for k, f in files.items() if f.is_file()}
-    metrics = {"parity": parity, "latency_ms": latency, "size_mb": sizes}
+    metrics = {"parity": parity, "latency_ms": latency, "size_mb": sizes, "trimming": trim_rows}
     encoding = read_json(hf / INFO_FILE)
     return ExportResult(metrics, names, labels, encoding)
 
@@ -220,6 +240,7 @@ def write_card(
         test_metrics=test_row,
         baseline_metrics=base_row,
         val_metrics={k: v for k, v in val_metrics.items() if k.startswith("val_") and isinstance(v, (int, float))},
+        trimming=result.metrics.get("trimming"),
     )
     absolute = str(root.resolve())
     for text, what in ((model_card.lineage_json(lineage), "lineage.json"), (card, "README.md")):

@@ -242,6 +242,7 @@ class _Card:
     test_metrics: dict[str, Any] | None
     baseline_metrics: dict[str, Any] | None
     val_metrics: dict[str, Any]
+    trimming: dict[str, Any]
     dataset: str
     language: str | None
     domain: str
@@ -466,6 +467,26 @@ def _parity_section(c: _Card) -> list[str]:
     return lines
 
 
+def _trimming_section(c: _Card) -> list[str]:
+    """Accuracy, parameters and size of each layer drop measured before quantization."""
+    if not c.trimming:
+        return []
+    lines = [
+        "### Trimming before quantization\n",
+        f"Top encoder layers dropped (no retraining), torch fp32 on the same {c.parity['samples']} test examples:\n",
+        "| layers dropped | layers | parameters (M) | safetensors MB | accuracy | accuracy drop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in c.trimming.values():
+        lines.append(
+            f"| {row['drop_layers']} | {row['layers']} | {row['params_m']} | {row['size_mb']} | "
+            f"{_fmt(row['accuracy'])} | {_fmt(row['accuracy_drop'])} |"
+        )
+    shipped = c.encoding.get("trimmed_top_layers", 0)
+    lines.append(f"\nShipped: {shipped} layers dropped. Latencies are in `reports/perf/export.json`.\n")
+    return lines
+
+
 def _usage_section(c: _Card) -> list[str]:
     """Command-line, serving and transformers snippets, and the ONNX signature."""
     snippets = (
@@ -548,6 +569,7 @@ def render_card(
     test_metrics: dict[str, Any] | None,
     baseline_metrics: dict[str, Any] | None,
     val_metrics: dict[str, Any],
+    trimming: dict[str, Any] | None = None,
 ) -> str:
     """The model card: YAML front matter + markdown body, deterministic for a given lineage."""
     c = _card_facts(
@@ -559,6 +581,7 @@ def render_card(
         test_metrics=test_metrics,
         baseline_metrics=baseline_metrics,
         val_metrics=val_metrics,
+        trimming=trimming or {},
     )
     sections = (
         _header_section,
@@ -567,6 +590,7 @@ def render_card(
         _licence_section,
         _evaluation_section,
         _parity_section,
+        _trimming_section,
         _usage_section,
     )
     lines = [line for section in sections for line in section(c)] + _lineage_section(lineage)

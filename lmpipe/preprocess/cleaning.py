@@ -32,13 +32,15 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import pandas as pd
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import atomic_dir, jsonl_record, read_json, write_json
+
+if TYPE_CHECKING:  # pandas is imported where it is used: `stages.preprocess` starts working without it
+    import pandas as pd
 
 log = logging.getLogger("lmpipe.preprocess.cleaning")
 
@@ -152,6 +154,8 @@ def _parser_error(name: str, exc: Exception, delimiter: str = ",") -> LmpipeErro
 
 
 def _read_csv(path: Path, name: str, compressed: bool, trusted: bool, delimiter: str = ",") -> tuple[pd.DataFrame, int]:
+    import pandas as pd
+
     opener = bz2.open if compressed else open
     try:
         with opener(path, "rb") as stream:
@@ -188,6 +192,8 @@ def _read_csv(path: Path, name: str, compressed: bool, trusted: bool, delimiter:
 def _as_strings(column: pd.Series) -> np.ndarray:
     """Values as Python str in an object array (no copy of the strings): integers stay `1`
     (not `1.0`), missing values become ''."""
+    import pandas as pd
+
     if pd.api.types.is_float_dtype(column) and column.dropna().eq(column.dropna().round()).all():
         column = column.astype("Int64")
     values = column.to_numpy(dtype=object, na_value="")
@@ -195,6 +201,8 @@ def _as_strings(column: pd.Series) -> np.ndarray:
 
 
 def _read_parquet(path: Path, name: str) -> pd.DataFrame:
+    import pandas as pd
+
     try:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
@@ -206,6 +214,8 @@ def _read_parquet(path: Path, name: str) -> pd.DataFrame:
 
 def _read_jsonl(path: Path, name: str) -> tuple[pd.DataFrame, np.ndarray]:
     """One row per non-blank line, each a JSON object; also each row's line number."""
+    import pandas as pd
+
     text = decode(path.read_bytes(), name, trusted=False)[0]  # a user's file: UTF-8 or an error
     records, lines = [], []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in a text
@@ -235,6 +245,8 @@ def _read_table(path: Path, name: str, manifest: dict[str, Any]) -> tuple[pd.Dat
 
 def _read_text_folders(folder: Path, name: str, trusted: bool) -> tuple[pd.DataFrame, list[str], int]:
     """One row per `<label>/<file>.txt`, labels and files in sorted order."""
+    import pandas as pd
+
     if folder.is_file():
         raise LmpipeError(f"{name}: is a file where a folder is expected")
     if not folder.is_dir():
@@ -263,6 +275,8 @@ def _require_column(frame: pd.DataFrame, column: str | None, role: str, name: st
 
 
 def _is_missing(value: Any) -> bool:
+    import pandas as pd
+
     return value is None or value is pd.NA or (isinstance(value, float) and value != value)
 
 
@@ -290,6 +304,8 @@ def _check_values(column: pd.Series, role: str, where: Callable[[int], str]) -> 
 
 def load_raw(raw_dir: str | Path, manifest: dict[str, Any] | None = None) -> Raw:
     """Read the labeled rows of data/raw through its manifest, exclusions applied."""
+    import pandas as pd
+
     raw_dir = Path(raw_dir)
     manifest = manifest or read_manifest(raw_dir)
     fmt, trusted = manifest["format"], manifest["package"] is not None
@@ -405,6 +421,8 @@ def count_words(text: str) -> int:
 
 def text_lengths(texts: pd.Series, unit: str) -> pd.Series:
     """The length of every text in `unit` (`chars` or `words`, see `preprocess.length_unit`)."""
+    import pandas as pd
+
     if unit == "chars":
         return texts.str.len()
     if unit == "words":
@@ -563,6 +581,8 @@ def _check_splits(raw: Raw, parts: dict[str, list[np.ndarray]], labels: list[str
 
 def prepare(raw: Raw, params: Any, seed: int) -> Prepared:
     """Validate labels, clean, filter, deduplicate, split (stratified, seeded) and cap."""
+    import pandas as pd
+
     labels = declared_labels(raw, params.labels)
     check_texts(raw)
     check_labels(raw, labels)

@@ -568,3 +568,92 @@ def test_lineage_leaves_out_timing_files_so_a_rerun_exports_the_same_bytes():
     record = model_card._stage_record(entry)
     assert record["outs"] == [{"path": "models/pretrained", "md5": "b.dir"}]
     assert record["deps"] == [{"path": "data/tokens", "md5": "a.dir"}]
+
+
+# --------------------------------------------------------------------------- trimming
+def test_trimming_sweep_reports_each_layer_drop_beside_the_untrimmed_model(exported):
+    rows = json.loads((exported / "reports/export/metrics.json").read_text())["trimming"]
+    parity = json.loads((exported / "reports/export/metrics.json").read_text())["parity"]
+    assert sorted(rows) == ["drop0", "drop1"]
+    full, half = rows["drop0"], rows["drop1"]
+    assert (full["layers"], half["layers"]) == (2, 1)
+    assert half["params_m"] < full["params_m"] and half["size_mb"] < full["size_mb"]
+    assert full["accuracy"] == parity["torch_accuracy"]  # the same texts through the same Predictor
+    assert half["accuracy_drop"] == pytest.approx(full["accuracy"] - half["accuracy"])
+    perf = json.loads((exported / "reports/perf/export.json").read_text())
+    assert set(perf["trimming"]["drop1"]["latency_ms"]) == {"batch1", "batch32"}  # timings kept apart
+    card = (exported / "models/export/README.md").read_text()
+    assert "### Trimming before quantization" in card and "Shipped: 0 layers dropped" in card
+
+
+def test_a_shipped_trim_cuts_the_model_before_onnx_and_records_it(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["export"]["trim"] = {"drop_layers": 1, "sweep": [], "max_accuracy_drop": 1.0}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage()
+    config = json.loads((project / "models/export/hf/config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    assert json.loads((project / "models/export/hf/lmpipe.json").read_text())["trimmed_top_layers"] == 1
+    metrics = json.loads((project / "reports/export/metrics.json").read_text())
+    assert metrics["parity"]["onnx_max_abs_logit_diff"] <= 1e-3  # ONNX was exported from the trimmed model
+    assert metrics["parity"]["torch_accuracy"] == metrics["trimming"]["drop1"]["accuracy"]
+
+
+@pytest.mark.parametrize(
+    ("trim", "message"),
+    [
+        ({"drop_layers": 2}, r"export.trim.drop_layers: 2 must be between 0 and 1 \(the model has 2 layers\)"),
+        ({"drop_layers": 1, "max_accuracy_drop": 0.0, "sweep": []}, None),
+    ],
+)
+def test_a_trim_too_deep_or_too_costly_fails_and_leaves_no_export(project, trim, message, monkeypatch):
+    import lmpipe.export.trimming as trimming
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["export"]["trim"] = {**params["export"]["trim"], **trim}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    if message is None:  # force a measurable loss: the trimmed model's classifier is negated
+        real = trimming.drop_top_layers
+
+        def costly(model, k, where=trimming.KEY):
+            model = real(model, k, where)
+            if k:
+                model.classifier.weight.data.neg_()
+            return model
+
+        monkeypatch.setattr(trimming, "drop_top_layers", costly)
+        message = (
+            r"export.trim.drop_layers: dropping 1 layers costs [01]\.\d+ accuracy .* > export.trim.max_accuracy_drop 0"
+        )
+    with pytest.raises(LmpipeError, match=message):
+        run_stage()
+    assert not (project / "models/export").exists()
+
+
+def test_trim_params_reject_a_non_positive_sweep():
+    from lmpipe.core.params import TrimParams
+
+    with pytest.raises(ValueError, match=r"sweep: layer drops must be >= 1"):
+        TrimParams(sweep=[0])
+
+
+@pytest.mark.parametrize("family", ["modernbert", "bert"])
+def test_dropping_top_layers_keeps_a_runnable_model_of_each_family(family):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from lmpipe.core.params import Architecture
+    from lmpipe.export.trimming import drop_top_layers
+    from lmpipe.mlm import models
+
+    arch = Architecture(family=family, num_layers=3, hidden_size=32, num_heads=2, intermediate_size=64, max_length=24)
+    config = models.mlm_config(arch, len(VOCAB), {"pad": 0, "cls": 2, "sep": 3})
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    drop_top_layers(model, 2)
+    assert model.config.num_hidden_layers == 1
+    if family == "modernbert":
+        assert len(model.config.layer_types) == 1
+    ids = torch.randint(5, len(VOCAB), (2, 8))
+    with torch.no_grad():
+        assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 2)

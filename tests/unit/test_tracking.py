@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -111,7 +112,8 @@ def _stage_script(project_root, stage):
         import sys, time
         sys.path.insert(0, {str(project_root)!r})
         from lmpipe.core.tracking import stage_run
-        with stage_run({stage!r}):
+        with stage_run({stage!r}) as tracker:
+            tracker.wait_open()  # the run opens in the background: be sure it exists before saying so
             print("ready", flush=True)
             time.sleep(60)
         """
@@ -222,3 +224,50 @@ def test_a_spool_replay_cut_short_and_repeated_makes_no_second_run(params, tmp_p
     runs = client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])
     assert sorted(r.data.tags["lmpipe.stage"] for r in runs) == ["baseline", "evaluate"]
     assert [r.info.run_id for r in runs if r.data.tags["lmpipe.stage"] == "baseline"] == first
+
+
+def test_the_body_works_while_the_run_opens_and_what_it_logs_meanwhile_arrives(
+    tracking_uri, params, tmp_path, monkeypatch
+):
+    import threading
+
+    from lmpipe.core import tracking
+
+    monkeypatch.chdir(tmp_path)
+    gate = threading.Event()
+    real_open = tracking._open_run
+
+    def open_when_allowed(*args):
+        gate.wait()  # the store "answers" only once the body has logged everything below
+        return real_open(*args)
+
+    monkeypatch.setattr(tracking, "_open_run", open_when_allowed)
+    (tmp_path / "notes.txt").write_text("as logged\n")
+    with stage_run("baseline", params, sections=("baseline",), outputs=("notes.txt",)) as t:
+        try:
+            assert t.recording and t._run_id is None  # the body runs while the run is not open yet
+            for step in range(3):
+                t.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+            t.flush()
+            t.log_artifact(tmp_path / "notes.txt", "notes")
+            payload = {"a": [1]}
+            t.log_dict(payload, "extra/d.json")
+            payload["a"].append(2)  # changed after logging: the run keeps what was logged
+            (tmp_path / "notes.txt").write_text("changed before the run opened\n")
+            with pytest.warns(UserWarning, match="could not be kept"):
+                t.log_artifact(tmp_path / "missing.txt")  # a warning, not the end of the stage
+        finally:
+            gate.set()  # (also when an assertion above fails: the stage's end waits for the open)
+        assert t.run_id is not None and t.active  # both wait for the open
+    run = _only_run(tracking_uri)
+    assert run.info.status == "FINISHED" and run.data.tags["lmpipe.stage"] == "baseline"
+    assert run.data.params["baseline.max_features"] == str(params.baseline.max_features)
+    assert run.data.metrics["startup_seconds"] > 0 and "dvc.out.notes.txt" in run.data.tags
+    client = MlflowClient(tracking_uri)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1 / 3)]
+    assert run.info.start_time <= min(m.timestamp for m in history)  # the run starts with the stage
+    notes = client.download_artifacts(run.info.run_id, "notes/notes.txt", str(tmp_path / "dl"))
+    assert open(notes).read() == "as logged\n"
+    extra = client.download_artifacts(run.info.run_id, "extra/d.json", str(tmp_path / "dl"))
+    assert json.loads(open(extra).read()) == {"a": [1]}
