@@ -29,6 +29,7 @@ the last step. Equal loss: after training, every side's model is scored by the s
     python -m bench.finetune_throughput                     # scratch (the default backbone)
     python -m bench.finetune_throughput --backbone minilm   # the MiniLM-L6 shape (models/minilm)
     python -m bench.finetune_throughput --fused             # our loop with TrainConfig(fused=True)
+    OMP_WAIT_POLICY=PASSIVE python -m bench.finetune_throughput --threads 1   # steadier on a busy machine
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ SIDES = ("ours", "peer", "ours_random", "peer_grouped")
 PROCESSED = Path("data/processed")
 STANDIN_VOCAB = 2000  # placeholder words w0..w1999 when data/processed or the backbone folder is missing
 BACKBONE = "scratch"  # `--backbone NAME` (a key of finetune.backbones) sets it before the config is built
+THREADS = common.THREADS  # `--threads N`: e.g. 1 thread (with OMP_WAIT_POLICY=PASSIVE) on a busy machine
 FUSED = False  # `--fused`: our loop with TrainConfig(fused=True) (the peer's optimizer is fused by default)
 
 
@@ -82,7 +84,7 @@ def default_config(quick: bool = False) -> dict[str, Any]:
         "eval_examples": 256,
         "fused": FUSED,  # False: the AdamW the pipeline runs (TrainConfig.fused off); --fused: the fused kernel
         "seed": params.base.seed,
-        "threads": common.THREADS,
+        "threads": THREADS,
     }
     if quick:
         config.update(
@@ -462,8 +464,11 @@ def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
 
 
 def own_args(argv: list[str]) -> list[str]:
-    """Take `--backbone NAME` and `--fused` out of argv (the shared CLI does not know them)."""
-    global BACKBONE, FUSED
+    """Take `--backbone NAME`, `--threads N` and `--fused` out of argv (the shared CLI does not know them)."""
+    global BACKBONE, FUSED, THREADS
+    if "--threads" in argv:
+        i = argv.index("--threads")
+        THREADS, argv = int(argv[i + 1]), argv[:i] + argv[i + 2 :]
     if "--fused" in argv:
         FUSED, argv = True, [a for a in argv if a != "--fused"]
     if "--backbone" in argv:

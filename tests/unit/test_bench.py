@@ -67,10 +67,12 @@ def test_finetune_sides_train_on_the_same_examples_and_count_real_tokens():
 def test_finetune_cli_flags_set_the_backbone_and_the_fused_optimizer(monkeypatch):
     monkeypatch.setattr(finetune_throughput, "BACKBONE", "scratch")
     monkeypatch.setattr(finetune_throughput, "FUSED", False)
-    rest = finetune_throughput.own_args(["--backbone", "minilm", "--fused", "--repeats", "1"])
+    monkeypatch.setattr(finetune_throughput, "THREADS", common.THREADS)
+    rest = finetune_throughput.own_args(["--backbone", "minilm", "--fused", "--repeats", "1", "--threads", "1"])
     assert rest == ["--repeats", "1"]
     config = finetune_throughput.default_config()
     assert config["backbone"] == "minilm" and config["source"] == "models/minilm" and config["fused"] is True
+    assert config["threads"] == 1
 
 
 def test_profile_attributes_phases_to_steps_and_restores_what_it_wraps():
