@@ -25,6 +25,7 @@ where it runs) / the peak of `lmpipe.train.flops.measure_peak_flops` probed in t
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ TOKENS = Path("data/tokens")
 TOKENIZER = Path("models/tokenizer")
 SIDES = ("ours", "peer", "ours_full")
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}  # only for the random-id stand-in
+FUSED = False  # `--fused`: our loop with TrainConfig(fused=True) (the peer's adamw_torch_fused is its default)
 
 
 def default_config(quick: bool = False) -> dict[str, Any]:
@@ -65,6 +67,7 @@ def default_config(quick: bool = False) -> dict[str, Any]:
         "tokens_dir": str(TOKENS),
         "tokenizer_dir": str(TOKENIZER),
         "peak_seconds": 1.0,
+        "fused": FUSED,  # False: the AdamW the pipeline runs (TrainConfig.fused off); --fused: the fused kernel
     }
     if quick:
         config.update(
@@ -204,6 +207,7 @@ def _measured(config: dict[str, Any], boundaries: list[float], losses: list[floa
         "tokens_per_s": per_step / common.median(durations),
         "tokens_per_s_wall": per_step * steps / (boundaries[-1] - boundaries[0]),
         "step_seconds": [round(d, 4) for d in durations],
+        "boundaries": boundaries,  # perf_counter stamps of this process (bench.profile_pretrain reads them)
         "seconds": boundaries[-1] - boundaries[0],
         "steps_measured": steps,
         "loss_first": losses[0],
@@ -242,6 +246,7 @@ def _run_ours(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
         checkpoint_every=total,
         log_every=1,
         precision="fp32",
+        fused=config.get("fused", False),
     )
     result = training.train(
         objective,
@@ -252,7 +257,8 @@ def _run_ours(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
         device=torch.device("cpu"),
     )
     losses = [row["loss"] for row in result.history["train"]]
-    return {**_measured(config, boundaries, losses), "optimizer": "torch.optim.AdamW (defaults: single-tensor on CPU)"}
+    optimizer = "AdamW fused" if config.get("fused") else "torch.optim.AdamW (defaults: single-tensor on CPU)"
+    return {**_measured(config, boundaries, losses), "optimizer": optimizer}
 
 
 def _peer_tokenizer(config: dict[str, Any], special: dict[str, int], vocab: int):
@@ -451,11 +457,19 @@ def orchestrate(config: dict[str, Any], repeats: int) -> dict[str, Any]:
             round(m["peer"]["tokens_per_s"], 1),
             "tokens/s",
             "higher",
-            f"same full-vocabulary head; peer optimizer {peer[0]['optimizer']}",
+            f"same full-vocabulary head; optimizer ours {ours[0]['optimizer']}, peer {peer[0]['optimizer']}",
         ),
     ]
     return {"benchmark": "mlm_throughput", "description": what, "rows": rows, "medians": m, "runs": runs}
 
 
+def own_args(argv: list[str]) -> list[str]:
+    """Take `--fused` out of argv (the shared CLI does not know it)."""
+    global FUSED
+    if "--fused" in argv:
+        FUSED, argv = True, [a for a in argv if a != "--fused"]
+    return argv
+
+
 if __name__ == "__main__":
-    raise SystemExit(common.main(MODULE, run_side, orchestrate, default_config))
+    raise SystemExit(common.main(MODULE, run_side, orchestrate, default_config, own_args(sys.argv[1:])))

@@ -27,7 +27,7 @@ from typing import Any
 
 from bench import common
 
-BENCHMARKS = ("mlm_throughput", "tokenize_speed", "inference", "startup", "memory")
+BENCHMARKS = ("mlm_throughput", "finetune_throughput", "tokenize_speed", "inference", "startup", "memory")
 OUT_DIR = Path(__file__).resolve().parent
 
 

@@ -142,6 +142,12 @@ class TrainConfig:
     patience: int | None = None
     """Stop after this many evaluations without improvement; None = never stop early
     (the best evaluated weights are still returned when early_stopping_metric is set)."""
+    fused: bool = False
+    """AdamW's fused kernel (`torch.optim.AdamW(fused=True)`, CPU and CUDA): one pass over each
+    tensor instead of a dozen elementwise ops, ~10x faster on CPU (1.5M params: 2.3 ms vs 22-29 ms
+    per step, 1 thread). The same update in another rounding order, so the weights differ in the
+    last bits from the default (for-loop) AdamW; deterministic run to run. Off: outputs stay
+    byte-identical to runs made before the option existed."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -258,7 +264,8 @@ def build_optimizer(
     groups = param_groups(model, config.weight_decay, config.lr_scales)
     for group in groups:
         group["lr"] = config.lr * group["lr_scale"]
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+    fused = {"fused": True} if config.fused else {}  # off: torch's default implementation, as before
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), **fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     return optimizer, scheduler
 
@@ -273,8 +280,11 @@ def shard_index(micro: int, rank: int, world: int) -> int:
 
 def full_fingerprint(fingerprint: str, config: TrainConfig, world_size: int) -> str:
     """The caller's fingerprint + the loop config + world size, hashed."""
+    loop = asdict(config)
+    if not loop["fused"]:
+        del loop["fused"]  # added later: off keeps the fingerprints of checkpoints written before it
     payload = json.dumps(
-        {"caller": fingerprint, "config": asdict(config), "world": world_size, "format": CHECKPOINT_FORMAT},
+        {"caller": fingerprint, "config": loop, "world": world_size, "format": CHECKPOINT_FORMAT},
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from bench import common, inference, mlm_throughput, run, tokenize_speed
+from bench import common, finetune_throughput, inference, mlm_throughput, profile_pretrain, run, tokenize_speed
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +37,58 @@ def test_mlm_sides_do_the_same_work_and_report_throughput():
     assert results["peer"]["loss_first"] == pytest.approx(math.log(config["vocab_size"]), rel=0.1)
     assert results["ours"]["loss_first"] == pytest.approx(math.log(config["vocab_size"]), rel=0.1)
     assert results["ours"]["flops_per_token"] < results["ours_full"]["flops_per_token"]
+
+
+def test_mlm_fused_option_reaches_the_loop():
+    config = {**mlm_throughput.default_config(quick=True), "fused": True}
+    result = mlm_throughput.run_side("ours", config)
+    assert result["optimizer"] == "AdamW fused" and math.isfinite(result["loss_mean"])
+
+
+def test_finetune_sides_train_on_the_same_examples_and_count_real_tokens():
+    config = finetune_throughput.default_config(quick=True)
+    results = {side: finetune_throughput.run_side(side, config) for side in finetune_throughput.SIDES}
+    epoch = {r["real_tokens_epoch"] for r in results.values()}
+    assert len(epoch) == 1  # one epoch of the same encoded examples on every side, whatever the order
+    for side, r in results.items():
+        assert r["tokens_per_s"] > 0 and r["tokens_per_cpu_s"] > 0 and r["peak_rss_mb"] > 0, side
+        assert r["positions_per_s"] >= r["tokens_per_s"]  # pads are computed, never counted as tokens
+        assert len(r["step_seconds"]) == config["steps"]
+        assert all(math.isfinite(r[k]) for k in ("loss_first", "loss_mean", "val_loss", "val_accuracy")), side
+        # same model, same seed: two random classes start near ln 2 on every side
+        assert r["loss_first"] == pytest.approx(math.log(2), abs=0.5), side
+    assert results["ours"]["sampling"].startswith("length buckets")
+    assert results["ours_random"]["sampling"] == "random batches"
+    assert results["peer_grouped"]["sampling"] == "group_by_length"
+    # bucketing never pads more than random batches of the same examples
+    assert results["ours"]["pad_share"] <= results["ours_random"]["pad_share"]
+
+
+def test_finetune_cli_flags_set_the_backbone_and_the_fused_optimizer(monkeypatch):
+    monkeypatch.setattr(finetune_throughput, "BACKBONE", "scratch")
+    monkeypatch.setattr(finetune_throughput, "FUSED", False)
+    monkeypatch.setattr(finetune_throughput, "THREADS", common.THREADS)
+    rest = finetune_throughput.own_args(["--backbone", "minilm", "--fused", "--repeats", "1", "--threads", "1"])
+    assert rest == ["--repeats", "1"]
+    config = finetune_throughput.default_config()
+    assert config["backbone"] == "minilm" and config["source"] == "models/minilm" and config["fused"] is True
+    assert config["threads"] == 1
+
+
+def test_profile_attributes_phases_to_steps_and_restores_what_it_wraps():
+    import torch.nn.utils
+
+    original = torch.nn.utils.clip_grad_norm_
+    config = mlm_throughput.default_config(quick=True)
+    result = profile_pretrain.run_side("ours", config)
+    assert torch.nn.utils.clip_grad_norm_ is original
+    ms = result["median_ms"]
+    assert ms["step"] > 0 and all(ms[p] >= 0 for p in profile_pretrain.PHASES)
+    assert ms["backward"] > 0 and ms["optimizer"] > 0 and ms["forward + loss"] > 0
+    events = [("data", 0.5, 0.1, 0.1), ("backward", 1.2, 0.3, 0.3), ("optimizer", 2.5, 1.0, 1.0)]
+    steps = profile_pretrain.per_step([0.0, 1.0, 2.0], events)
+    assert steps[0]["data"] == 0.1 and steps[1]["backward"] == 0.3 and steps[1]["optimizer"] == 0.0
+    assert steps[1]["other"] == pytest.approx(0.7)
 
 
 def test_tokenize_sides_produce_the_same_tokens(tmp_path):

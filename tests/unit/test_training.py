@@ -526,3 +526,33 @@ def test_corrupt_checkpoint_is_named_in_one_line_and_training_starts_clean(tmp_p
     assert training.checkpoint_problem(checkpoint) is None  # rewritten intact by the clean run
     training.finish_checkpoint(tmp_path, steps=9)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["finished.json"]
+
+
+# --------------------------------------------------------------------------- fused AdamW (off by default)
+def test_fused_adamw_is_deterministic_and_makes_the_same_update_up_to_rounding():
+    default = run(regression_model(), config(max_steps=8))
+    fused = run(regression_model(), config(max_steps=8, fused=True))
+    again = run(regression_model(), config(max_steps=8, fused=True))
+    assert state_bytes(fused.state) == state_bytes(again.state)
+    for name, value in default.state.items():
+        torch.testing.assert_close(fused.state[name], value, rtol=1e-4, atol=1e-5)
+    assert [r["loss"] for r in fused.history["train"]] == pytest.approx(
+        [r["loss"] for r in default.history["train"]], rel=1e-4
+    )
+
+
+def test_fused_off_keeps_the_checkpoint_fingerprint_of_runs_before_the_option():
+    import dataclasses
+    import hashlib
+    import json
+
+    cfg = config()
+    before = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "fused"}  # the config as it was
+    payload = {"caller": "f", "config": before, "world": 1, "format": training.CHECKPOINT_FORMAT}
+    expected = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    assert training.full_fingerprint("f", cfg, 1) == expected
+    assert training.full_fingerprint("f", config(fused=True), 1) != expected
+    optimizer, _ = training.build_optimizer(regression_model(), config(fused=True))
+    assert optimizer.defaults["fused"] is True
+    optimizer, _ = training.build_optimizer(regression_model(), cfg)
+    assert not optimizer.defaults["fused"]
