@@ -530,6 +530,8 @@ def stage_run(
     tracker.open_in_background(
         lambda: _open_run(stage, _start_tags(stage, inputs, extra_tags, cwd), experiment, start_ms)
     )
+    if _creates_store(default_tracking_uri()):
+        tracker.wait_open()  # a kill while the schema is half made would leave a store no one can open
     if params is not None:
         dumped = params.model_dump(mode="json")
         chosen = dumped if "*" in sections else {k: dumped[k] for k in ("base", *sections)}
@@ -556,6 +558,12 @@ def stage_run(
             if status == "FINISHED":
                 tracker.set_tags(_hash_tags("out", list(outputs), cwd))
             tracker.end(status)
+
+
+def _creates_store(uri: str) -> bool:
+    """Whether opening a run on `uri` first creates the store (a local SQLite file not there yet)."""
+    prefix = "sqlite:///"
+    return uri.startswith(prefix) and not Path(uri[len(prefix) :]).exists()
 
 
 def _main_thread() -> bool:
