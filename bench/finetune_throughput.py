@@ -82,7 +82,7 @@ def default_config(quick: bool = False) -> dict[str, Any]:
         "warmup_ratio": ft.warmup_ratio,
         "min_lr_ratio": 0.1,  # TrainConfig's default, which the stage uses
         "eval_examples": 256,
-        "fused": FUSED,  # False: the AdamW the pipeline runs (TrainConfig.fused off); --fused: the fused kernel
+        "fused": FUSED or ft.fused_optimizer,  # the AdamW the pipeline runs (params); --fused forces the fused kernel
         "seed": params.base.seed,
         "threads": THREADS,
     }

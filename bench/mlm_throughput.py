@@ -67,7 +67,7 @@ def default_config(quick: bool = False) -> dict[str, Any]:
         "tokens_dir": str(TOKENS),
         "tokenizer_dir": str(TOKENIZER),
         "peak_seconds": 1.0,
-        "fused": FUSED,  # False: the AdamW the pipeline runs (TrainConfig.fused off); --fused: the fused kernel
+        "fused": FUSED or pre.optim.fused,  # the AdamW the pipeline runs (params); --fused forces the fused kernel
     }
     if quick:
         config.update(

@@ -370,6 +370,7 @@ def train_config(params: Any, backbone: str, num_layers: int = 0) -> Any:
         weight_decay=cfg.weight_decay,
         warmup_steps=round(cfg.warmup_ratio * run.max_steps),
         clip_norm=cfg.clip_norm,
+        fused=cfg.fused_optimizer,
         eval_every=cfg.eval_every,
         checkpoint_every=cfg.checkpoint_every,
         log_every=min(LOG_EVERY, cfg.eval_every),

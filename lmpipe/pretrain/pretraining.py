@@ -46,6 +46,7 @@ def train_config(params: Any) -> training.TrainConfig:
         warmup_steps=optim.warmup_steps,
         min_lr_ratio=optim.min_lr_ratio,
         clip_norm=optim.clip_norm,
+        fused=optim.fused,
         eval_every=loop.eval_every,
         checkpoint_every=loop.checkpoint_every,
         log_every=loop.log_every,
