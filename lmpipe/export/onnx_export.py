@@ -32,7 +32,7 @@ from lmpipe.export import graph_passes
 log = logging.getLogger("lmpipe.export.onnx_export")
 
 OUTPUT_NAME = "logits"
-QUANTIZED_OPS = ["MatMul", "Gemm"]
+QUANTIZED_OPS = ["MatMul", "Gemm", "Gather"]  # Gather: the token embeddings, ~70% of the weights
 
 
 def model_input_names(model: Any, tokenizer: Any) -> list[str]:
@@ -125,9 +125,11 @@ def export_classifier(model: Any, tokenizer: Any, path: str | Path, opset: int) 
 
 
 def quantize_int8(source: str | Path, target: str | Path) -> None:
-    """Dynamic quantization of every MatMul and Gemm: int8 weights (QInt8, one scale per output
-    channel), activations quantized at run time. Attention stays fp32: the quantizer would turn an
-    ONNX `Attention` node (opset 23) into com.microsoft's QAttention, which ORT then rejects.
+    """Dynamic quantization of every MatMul, Gemm and Gather (the embedding tables): int8 weights
+    (QInt8, one scale per output channel), activations quantized at run time. Attention stays fp32:
+    the quantizer would turn an ONNX `Attention` node (opset 23) into com.microsoft's QAttention,
+    which ORT then rejects. Without Gather the default model's int8 file is 4.6 MB, with it 1.5 MB
+    at the same speed and accuracy (0.8205 vs torch 0.8195 on the 2,000 test reviews).
 
     Per-channel scales, measured on the fine-tuned MiniLM over 200 IMDB test reviews against the
     fp32 graph: max |logit diff| 0.35 (per-tensor: 0.92), mean 0.034 (0.090), agreement 98.5%
