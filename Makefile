@@ -62,7 +62,7 @@ study: setup
 	$(BIN)/dvc repro tokenize
 	$(BIN)/python -m studies.pretraining_payoff $(STUDY_ARGS)
 
-# Fine-tuning methods side by side: one `dvc exp run evaluate -S ...` per method on the
+# Fine-tuning methods side by side: one `dvc exp run --temp evaluate -S ...` per method on the
 # default data and budget (~16 min on 2 cores, after `make repro`). Writes reports/toolbox/.
 TOOLBOX_ARGS ?=
 toolbox: setup
