@@ -23,26 +23,16 @@ import numpy as np
 
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import write_json
-from lmpipe.inference.classifier import INFO_FILE, read_info
+from lmpipe.inference.classifier import INFO_FILE, encoder_layers, read_info
 
 KEY = "export.trim.drop_layers"
-
-
-def layer_list(model: Any) -> Any:
-    """The ModuleList of encoder layers of an HF sequence classifier."""
-    base = model.base_model
-    encoder = getattr(base, "encoder", None)
-    layers = getattr(encoder, "layer", None) if encoder is not None else getattr(base, "layers", None)
-    if layers is None:
-        raise LmpipeError(f"{KEY}: cannot find the encoder layers of {type(model).__name__}")
-    return layers
 
 
 def drop_top_layers(model: Any, k: int, where: str = KEY) -> Any:
     """Remove the top `k` encoder layers in place (config updated); returns the model."""
     import torch
 
-    layers = layer_list(model)
+    layers = encoder_layers(model, where)
     if not 0 <= k < len(layers):
         raise LmpipeError(f"{where}: {k} must be between 0 and {len(layers) - 1} (the model has {len(layers)} layers)")
     if k == 0:

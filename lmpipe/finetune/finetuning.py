@@ -37,7 +37,7 @@ from lmpipe.core.errors import LmpipeError
 from lmpipe.core.lineage import dvc_md5
 from lmpipe.finetune import augmentation, peft_modes
 from lmpipe.inference.batched import torch_logits
-from lmpipe.inference.classifier import load_tokenizer, quiet_transformers
+from lmpipe.inference.classifier import encoder_layers, load_tokenizer, quiet_transformers
 from lmpipe.inference.encoding import collate, encode_texts
 from lmpipe.task.metrics import log_softmax, validation_metrics
 from lmpipe.task.splits import check_processed, load_label_names, load_split, stratified_subsample
@@ -197,16 +197,6 @@ def build_classifier(
     raise LmpipeError(f"{key} must be one of {['full', 'frozen', 'lora', *PEFT_MODES]} (got {mode!r})")
 
 
-def _encoder_layers(model: Any) -> Any:
-    """The list of encoder layers: `encoder.layer` (BERT, RoFormer, MiniLM) or `layers` (ModernBERT)."""
-    base = model.base_model
-    encoder = getattr(base, "encoder", None)
-    layers = getattr(encoder, "layer", None) if encoder is not None else getattr(base, "layers", None)
-    if layers is None:
-        raise LmpipeError(f"{type(model).__name__}: no encoder.layer or layers list (not a BERT-family model)")
-    return layers
-
-
 def head_prefixes(model: Any) -> list[str]:
     """Parameter-name prefixes of the head: the pooler and everything outside the encoder model."""
     prefix = model.base_model_prefix
@@ -216,7 +206,7 @@ def head_prefixes(model: Any) -> list[str]:
 
 
 def _freeze(model: Any, unfreeze_top_layers: int) -> Any:
-    layers = _encoder_layers(model)
+    layers = encoder_layers(model, "params.yaml: finetune.frozen.unfreeze_top_layers")
     if unfreeze_top_layers > len(layers):
         raise LmpipeError(
             f"params.yaml: finetune.frozen.unfreeze_top_layers is {unfreeze_top_layers} "

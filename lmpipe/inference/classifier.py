@@ -88,6 +88,19 @@ def load_model(model_dir: str | Path, info: dict[str, Any] | None = None) -> Any
     return model.eval()
 
 
+def encoder_layers(model: Any, where: str) -> Any:
+    """The ModuleList of encoder layers of an HF classifier: `encoder.layer` (BERT, RoFormer,
+    MiniLM) or `layers` (ModernBERT); an error names `where` (the params key that needs them)."""
+    base = model.base_model
+    encoder = getattr(base, "encoder", None)
+    layers = getattr(encoder, "layer", None) if encoder is not None else getattr(base, "layers", None)
+    if layers is None:
+        raise LmpipeError(
+            f"{where}: {type(model).__name__} has no encoder.layer or layers list (not a BERT-family model)"
+        )
+    return layers
+
+
 def read_info(model_dir: str | Path) -> dict[str, Any]:
     """`lmpipe.json` of a classifier folder; it must say how to encode text (max_length, truncation)."""
     path = Path(model_dir) / INFO_FILE
