@@ -125,7 +125,7 @@ def trim_before_export(hf: Path, texts: Sequence[str], y: np.ndarray, trim: Any,
             trimming.trim_folder(hf, trim.drop_layers)  # raises, naming the key and the mode
         log.info("trimming sweep skipped: %s is not a plain HF classifier", hf)
         return {}
-    rows = trimming.sweep(hf, texts, y, trimming.settings(trim), threads, measure_latency)
+    rows = trimming.sweep(hf, texts, y, trimming.settings(trim), trim.drop_layers, threads, measure_latency)
     log.info("trimming: %s", rows)
     shipped = rows[f"drop{trim.drop_layers}"]
     if not shipped["accuracy_drop"] <= trim.max_accuracy_drop:

@@ -48,17 +48,18 @@ def drop_top_layers(model: Any, k: int, where: str = KEY) -> Any:
     return model
 
 
-def trim_folder(hf: Path, k: int) -> None:
-    """Rewrite the classifier folder `hf` with its top `k` layers dropped (k = 0: untouched)."""
+def trim_folder(hf: Path, k: int, where: str = KEY) -> None:
+    """Rewrite the classifier folder `hf` with its top `k` layers dropped (k = 0: untouched);
+    errors name `where`, the params key that asked for `k`."""
     if k == 0:
         return
     peft = read_info(hf).get("peft")
     if peft:
-        raise LmpipeError(f"{KEY}: {hf} is a {peft.get('kind', 'peft')}-mode model; only plain models can be trimmed")
+        raise LmpipeError(f"{where}: {hf} is a {peft.get('kind', 'peft')}-mode model; only plain models can be trimmed")
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(str(hf), local_files_only=True)
-    drop_top_layers(model, k)
+    drop_top_layers(model, k, where)
     model.config.name_or_path = ""
     model.save_pretrained(str(hf), safe_serialization=True)
     write_json(hf / INFO_FILE, {**read_info(hf), "trimmed_top_layers": k})
@@ -70,9 +71,11 @@ def settings(cfg: Any) -> list[int]:
 
 
 def sweep(
-    hf: Path, texts: Sequence[str], labels: np.ndarray, drops: Sequence[int], threads: int, latency: Any
+    hf: Path, texts: Sequence[str], labels: np.ndarray, drops: Sequence[int], shipped: int, threads: int, latency: Any
 ) -> dict[str, dict[str, Any]]:
-    """`drop<k>` -> layers, parameters, size, accuracy (and its drop from drop0), latency."""
+    """`drop<k>` -> layers, parameters, size, accuracy (and its drop from drop0), latency.
+
+    `shipped` is `drop_layers`: an impossible drop is named as that key, any other as the sweep's."""
     from lmpipe.inference.predictor import Predictor
 
     rows: dict[str, dict[str, Any]] = {}
@@ -80,7 +83,7 @@ def sweep(
         for k in drops:
             folder = Path(tmp) / f"drop{k}"
             shutil.copytree(hf, folder)
-            trim_folder(folder, k)
+            trim_folder(folder, k, KEY if k == shipped else "export.trim.sweep")
             predictor = Predictor(folder, "torch", threads)
             accuracy = float((predictor.logits(texts, batch_size=32).argmax(axis=1) == labels).mean())
             rows[f"drop{k}"] = {

@@ -604,6 +604,7 @@ def test_a_shipped_trim_cuts_the_model_before_onnx_and_records_it(project):
     [
         ({"drop_layers": 2}, r"export.trim.drop_layers: 2 must be between 0 and 1 \(the model has 2 layers\)"),
         ({"drop_layers": 1, "max_accuracy_drop": 0.0, "sweep": []}, None),
+        ({"sweep": [1, 5]}, r"export.trim.sweep: 5 must be between 0 and 1 \(the model has 2 layers\)"),
     ],
 )
 def test_a_trim_too_deep_or_too_costly_fails_and_leaves_no_export(project, trim, message, monkeypatch):

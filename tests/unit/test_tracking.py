@@ -234,6 +234,7 @@ def test_the_body_works_while_the_run_opens_and_what_it_logs_meanwhile_arrives(
     from lmpipe.core import tracking
 
     monkeypatch.chdir(tmp_path)
+    MlflowClient(tracking_uri).search_experiments()  # the store exists: a stage creating it opens first
     gate = threading.Event()
     real_open = tracking._open_run
 
@@ -271,3 +272,13 @@ def test_the_body_works_while_the_run_opens_and_what_it_logs_meanwhile_arrives(
     assert open(notes).read() == "as logged\n"
     extra = client.download_artifacts(run.info.run_id, "extra/d.json", str(tmp_path / "dl"))
     assert json.loads(open(extra).read()) == {"a": [1]}
+
+
+def test_only_a_stage_that_creates_the_local_store_waits_for_its_run(tmp_path):
+    from lmpipe.core.tracking import _creates_store
+
+    db = tmp_path / "mlflow.db"
+    assert _creates_store(f"sqlite:///{db}")  # a kill mid-creation would leave a half-made schema
+    db.write_bytes(b"")
+    assert not _creates_store(f"sqlite:///{db}")
+    assert not _creates_store("http://127.0.0.1:5000")
