@@ -63,7 +63,7 @@ study: setup
 	$(BIN)/python -m studies.pretraining_payoff $(STUDY_ARGS)
 
 # Fine-tuning methods side by side: one `dvc exp run --temp evaluate -S ...` per method on the
-# default data and budget (~16 min on 2 cores, after `make repro`). Writes reports/toolbox/.
+# default data and budget (~25 min on 2 cores, after `make repro`). Writes reports/toolbox/.
 TOOLBOX_ARGS ?=
 toolbox: setup
 	$(BIN)/python -m studies.toolbox $(TOOLBOX_ARGS)

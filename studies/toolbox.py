@@ -1,6 +1,6 @@
 """The practitioner's toolbox side by side: one `dvc exp run` per fine-tuning method.
 
-    python -m studies.toolbox                        # = make toolbox (~16 min on 2 cores)
+    python -m studies.toolbox                        # = make toolbox (~25 min on 2 cores)
     python -m studies.toolbox --backbone minilm --methods full,lora,prefix
 
 Each method is a set of `-S` overrides of `params.yaml` on one backbone (default `scratch`, the
