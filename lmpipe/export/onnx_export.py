@@ -117,8 +117,9 @@ def export_classifier(model: Any, tokenizer: Any, path: str | Path, opset: int) 
             verbose=False,
         )
     proto = strip_metadata(program.model_proto)
+    attention = graph_passes.attention_3d(proto)  # first: the rotary pass then sees 3-D inputs
     rotary, split = graph_passes.expand_rotary_caches(proto), graph_passes.split_matmuls(proto)
-    log.info("graph passes: %d rotary caches expanded, %d split matmuls", rotary, split)
+    log.info("graph passes: %d 3-D attentions, %d rotary caches expanded, %d split matmuls", attention, rotary, split)
     onnx.checker.check_model(proto)
     onnx.save_model(proto, str(path))
     return names

@@ -513,6 +513,7 @@ def test_each_pretrained_encoder_family_exports_to_onnx_with_parity(tmp_path, fa
     if family == "modernbert":  # fused nodes, not ~40 elementwise ones per layer
         assert {"Attention", "RotaryEmbedding"} <= ops
         assert "Split" not in ops  # GeGLU's split projection became two MatMuls
+        assert not ops & {"Transpose", "Reshape", "Slice"}  # attention runs on [batch, seq, hidden]
     onnx_export.quantize_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx")
     int8 = ort.InferenceSession(str(tmp_path / "m.int8.onnx"))  # no com.microsoft QAttention: it loads
     assert int8.run(None, feed)[0].shape == ref.shape
@@ -555,6 +556,24 @@ def test_split_matmul_pass_keeps_the_products_and_skips_what_it_cannot_split():
     after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
     for got, want in zip(after, expected):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_attention_pass_leaves_an_attention_it_cannot_follow_untouched():
+    from onnx import TensorProto, helper
+
+    from lmpipe.export import graph_passes
+
+    shape = [2, 2, 3, 4]  # [batch, heads, sequence, dim]: inputs with no reshape/transpose behind them
+    graph = helper.make_graph(
+        [helper.make_node("Attention", ["q", "k", "v"], ["y"], scale=0.5)],
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    before = model.SerializeToString()
+    assert graph_passes.attention_3d(model) == 0
+    assert model.SerializeToString() == before
 
 
 def test_lineage_leaves_out_timing_files_so_a_rerun_exports_the_same_bytes():
