@@ -18,7 +18,6 @@ the project); each costs a few microseconds per call.
 
     python -m bench.profile_pretrain                  # writes bench/profile_pretrain.md (+ .json)
     python -m bench.profile_pretrain --threads 1      # 1 torch thread: steadier on a busy machine
-    python -m bench.profile_pretrain --fused          # our loop with TrainConfig(fused=True): profile_pretrain-fused.md
     python -m bench.profile_pretrain --quick --out-dir /tmp/p   # micro configuration
 """
 
@@ -154,7 +153,7 @@ def render(config: dict[str, Any], runs: dict[str, list[dict[str, Any]]], load: 
         "# Where a pretraining step's time goes: lmpipe loop vs HF Trainer",
         "",
         f"`python -m bench.profile_pretrain{' --threads ' + str(config['threads']) if config['threads'] != 2 else ''}"
-        f"{' --fused' if config.get('fused') else ''}`"
+        "`"
         f": {arch['family']} {arch['num_layers']}x{arch['hidden_size']} (params.yaml `pretrain.model`), "
         f"batch {config['batch_size']} x {arch['max_length']}, {config['steps']} timed steps after "
         f"{config['warmup_steps']}, fp32, {config['threads']} torch thread(s); "
@@ -201,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="micro configuration: checks the code only")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds (default 2)")
     parser.add_argument("--threads", type=int, default=None, help=f"torch threads (default {common.THREADS})")
-    parser.add_argument("--fused", action="store_true", help="our loop with TrainConfig(fused=True)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: bench.mlm_throughput's)")
     parser.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args(argv)
@@ -210,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = mlm_throughput.default_config(args.quick)
     config.update({k: v for k, v in (("threads", args.threads), ("steps", args.steps)) if v is not None})
-    config["fused"] = args.fused
-    stem = "profile_pretrain-fused" if args.fused else "profile_pretrain"
+    stem = "profile_pretrain"  # our loop runs the AdamW params.yaml says (pretrain.optim.fused)
     load = common.load_average()
     runs = common.interleave(MODULE, SIDES, config, args.repeats, common.log)
     text = render(config, runs, load)
