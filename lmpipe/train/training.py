@@ -73,7 +73,7 @@ from tqdm import tqdm
 from lmpipe.core.errors import LmpipeError, Terminated
 from lmpipe.core.io import atomic_file, write_text
 from lmpipe.core.lineage import file_sha256
-from lmpipe.train import distributed, flops
+from lmpipe.train import allocator, distributed, flops
 
 log = logging.getLogger("lmpipe.train.training")
 
@@ -548,6 +548,7 @@ class _Run:
         **rest: Any,
     ) -> "_Run":
         """Join the process group (under torchrun), move the model, build the optimizer and schedule."""
+        allocator.keep_freed_memory()  # activations reused, not page-faulted in again every step
         info, device = distributed.init_from_env(device)
         model.to(device)
         optimizer, scheduler = build_optimizer(model, config)
