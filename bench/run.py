@@ -3,7 +3,7 @@
     python -m bench.run                               # all (what `make bench` runs)
     python -m bench.run tokenize_speed inference      # some
     python -m bench.run --quick                       # micro configurations: checks the code only
-    python -m bench.run --repeats 3                   # more interleaved rounds (default 2)
+    python -m bench.run --repeats 5                   # more interleaved rounds (default 3)
     python -m bench.run --no-spin                     # worker threads sleep, not spin: results-nospin.*
 
 Each benchmark runs in a fresh subprocess (`python -m bench.NAME`), which itself runs every side
@@ -140,7 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "names", nargs="*", metavar="NAME", help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})"
     )
     parser.add_argument("--quick", action="store_true", help="micro configurations (checks the code, measures nothing)")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds per benchmark (default 2)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved rounds per benchmark (default 3: one slow round cannot move the median)",
+    )
     parser.add_argument(
         "--no-spin",
         action="store_true",
