@@ -5,10 +5,11 @@ each: [16, 128, 768] floats are 6 MB). With glibc's defaults those blocks come f
 `mmap`s, or from heap top that `free` hands back to the kernel once more than the trim threshold
 is free, so the next step page-faults the same memory in again: 3,000-6,000 minor page faults
 per fine-tuning step of the default model (batch 16 x 128, `getrusage`), ~15 ms of kernel time.
-With the thresholds fixed the memory stays mapped: ~30 faults per step, step time 1.09x faster
-(medians of 3 interleaved pairs of 100 steps), the same bytes (the allocator never touches
-numbers). PyTorch's CPU tuning guide gives the same advice through jemalloc/tcmalloc; this needs
-no preloaded library. Peak RSS stays at the training peak instead of breathing with each step.
+With the thresholds fixed the memory stays mapped: 16-21 faults per step, median step 1.02x,
+1.12x and 1.25x faster in 3 interleaved pairs of 100 steps, and the fine-tuning benchmark's loop
+1.10x, 1.17x and 1.26x in paired runs; the same bytes (the allocator never touches numbers).
+PyTorch's CPU tuning guide gives the same advice through jemalloc/tcmalloc; this needs no
+preloaded library. Peak RSS stays at the training peak instead of breathing with each step.
 
 Off glibc (musl, macOS) there is no `mallopt`, and nothing changes.
 """
