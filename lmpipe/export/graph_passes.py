@@ -194,7 +194,7 @@ def _packed_part(g: _Graph, squeeze: onnx.NodeProto) -> tuple[onnx.NodeProto, in
         return None
     start, end = _scalar(slice_.input[1], g.constants), _scalar(slice_.input[2], g.constants)
     axes = [_scalar(n, g.constants) for n in (slice_.input[3], squeeze.input[1])]
-    if start is None or end != start + 1 or any(a not in (2, -3) for a in axes):
+    if start is None or start < 0 or end != start + 1 or any(a not in (2, -3) for a in axes):
         return None
     if len(slice_.input) > 4 and _scalar(slice_.input[4], g.constants) not in (None, 1):
         return None
@@ -216,7 +216,8 @@ def _heads_input(g: _Graph, name: str) -> tuple[tuple, int] | None:
     if len(shape) != 4 or shape[2] is None or shape[3] is None:
         return None
     reshape = g.made_by(transpose.input[0], "Reshape")
-    if reshape is not None and len(g.shapes.get(reshape.input[0], [])) == 3:
+    source = g.shapes.get(reshape.input[0], []) if reshape is not None else []
+    if len(source) == 3 and source[2] == shape[2] * shape[3]:  # [b, s, h * d] -> [b, s, h, d]
         return ("tensor", reshape.input[0]), shape[2]
     squeeze = g.made_by(transpose.input[0], "Squeeze")
     part = _packed_part(g, squeeze) if squeeze is not None else None
