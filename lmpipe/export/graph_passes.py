@@ -84,62 +84,7 @@ def expand_rotary_caches(model: onnx.ModelProto) -> int:
     return count
 
 
-def _split_sizes(split: onnx.NodeProto, width: int, constants: dict[str, onnx.TensorProto]) -> list[int] | None:
-    """Output widths of a last-axis Split of a `width`-wide tensor, or None if not constant."""
-    if len(split.input) > 1 and split.input[1]:
-        sizes = constants.get(split.input[1])
-        return None if sizes is None else [int(s) for s in numpy_helper.to_array(sizes)]
-    parts = len(split.output)
-    return [width // parts] * parts if width % parts == 0 else None
-
-
-def split_matmuls(model: onnx.ModelProto) -> int:
-    """Replace MatMul(x, W) -> Split(last axis) by one MatMul per part; the number rewritten."""
-    graph = model.graph
-    constants = {t.name: t for t in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
-    outputs = {o.name for o in graph.output}
-    inferred = onnx.shape_inference.infer_shapes(model).graph
-    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.value_info}
-    replaced: dict[int, list[onnx.NodeProto]] = {}
-    dropped: set[int] = set()
-    for split in graph.node:
-        matmul = producer.get(split.input[0]) if split.op_type == "Split" else None
-        if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in constants:
-            continue
-        if readers.get(split.input[0]) != 1 or split.input[0] in outputs:
-            continue
-        weight = numpy_helper.to_array(constants[matmul.input[1]])
-        axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0)
-        sizes = _split_sizes(split, weight.shape[-1], constants)
-        last_axis = axis == -1 or axis == ranks.get(split.input[0], 0) - 1
-        if weight.ndim != 2 or not last_axis or sizes is None or sum(sizes) != weight.shape[-1]:
-            continue
-        parts, start = [], 0
-        for j, (size, out) in enumerate(zip(sizes, split.output)):
-            name = f"{matmul.input[1]}_part{j}"
-            columns = np.ascontiguousarray(weight[:, start : start + size])
-            graph.initializer.append(numpy_helper.from_array(columns, name))
-            parts.append(helper.make_node("MatMul", [matmul.input[0], name], [out], name=f"{matmul.name}_part{j}"))
-            start += size
-        replaced[id(matmul)] = parts
-        dropped.add(id(split))
-    if replaced:
-        nodes = [new for node in graph.node if id(node) not in dropped for new in replaced.get(id(node), [node])]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        drop_dead_nodes(graph)
-    return len(replaced)
-
-
-# --------------------------------------------------------------------------- attention_3d
-HEADS_FIRST = [0, 2, 1, 3]  # [batch, sequence, heads, dim] <-> [batch, heads, sequence, dim]
-
-
+# --------------------------------------------------------------------------- graph look-ups
 def _attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
 
@@ -177,6 +122,52 @@ class _Graph:
     def made_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
         node = self.producer.get(name)
         return node if node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") else None
+
+
+def _split_sizes(split: onnx.NodeProto, width: int, constants: dict[str, onnx.TensorProto]) -> list[int] | None:
+    """Output widths of a last-axis Split of a `width`-wide tensor, or None if not constant."""
+    if len(split.input) > 1 and split.input[1]:
+        sizes = constants.get(split.input[1])
+        return None if sizes is None else [int(s) for s in numpy_helper.to_array(sizes)]
+    parts = len(split.output)
+    return [width // parts] * parts if width % parts == 0 else None
+
+
+def split_matmuls(model: onnx.ModelProto) -> int:
+    """Replace MatMul(x, W) -> Split(last axis) by one MatMul per part; the number rewritten."""
+    graph = model.graph
+    g = _Graph(model)
+    replaced: dict[int, list[onnx.NodeProto]] = {}
+    dropped: set[int] = set()
+    for split in graph.node:
+        matmul = g.made_by(split.input[0], "MatMul") if split.op_type == "Split" else None
+        if matmul is None or matmul.input[1] not in g.constants or g.only_reader(split.input[0]) is None:
+            continue
+        weight = numpy_helper.to_array(g.constants[matmul.input[1]])
+        axis = _attribute(split, "axis", 0)
+        sizes = _split_sizes(split, weight.shape[-1], g.constants)
+        last_axis = axis == -1 or axis == len(g.shapes.get(split.input[0], [])) - 1
+        if weight.ndim != 2 or not last_axis or sizes is None or sum(sizes) != weight.shape[-1]:
+            continue
+        parts, start = [], 0
+        for j, (size, out) in enumerate(zip(sizes, split.output)):
+            name = f"{matmul.input[1]}_part{j}"
+            columns = np.ascontiguousarray(weight[:, start : start + size])
+            graph.initializer.append(numpy_helper.from_array(columns, name))
+            parts.append(helper.make_node("MatMul", [matmul.input[0], name], [out], name=f"{matmul.name}_part{j}"))
+            start += size
+        replaced[id(matmul)] = parts
+        dropped.add(id(split))
+    if replaced:
+        nodes = [new for node in graph.node if id(node) not in dropped for new in replaced.get(id(node), [node])]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        drop_dead_nodes(graph)
+    return len(replaced)
+
+
+# --------------------------------------------------------------------------- attention_3d
+HEADS_FIRST = [0, 2, 1, 3]  # [batch, sequence, heads, dim] <-> [batch, heads, sequence, dim]
 
 
 def _packed_part(g: _Graph, squeeze: onnx.NodeProto) -> tuple[onnx.NodeProto, int, int] | None:

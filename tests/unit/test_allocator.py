@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +34,6 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
 
 
 def faults(mode: str) -> int:
-    from pathlib import Path
-
     root = str(Path(allocator.__file__).resolve().parents[2])
     out = subprocess.run([sys.executable, "-c", CHILD, root, mode], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
@@ -58,7 +57,6 @@ def test_the_setting_is_applied_once_and_reported(monkeypatch):
 
     monkeypatch.setattr(allocator, "_done", None)
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: Libc)
-    Libc.mallopt.argtypes = Libc.mallopt.restype = None
     assert allocator.keep_freed_memory() is True
     assert allocator.keep_freed_memory() is True  # cached: no second round of calls
     options = {allocator.M_MMAP_THRESHOLD, allocator.M_TRIM_THRESHOLD, allocator.M_TOP_PAD}
