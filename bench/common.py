@@ -101,10 +101,20 @@ def machine_facts() -> dict[str, Any]:
         "versions": versions,
         "load_average_at_start": load_average(),
         "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+        "numerics": numerics_env(),  # what every side runs under unless its config names a mode
     }
 
 
 # --------------------------------------------------------------------------- one side per process
+def numerics_env(mode: str | None = None) -> dict[str, str]:
+    """The variables lmpipe.core.numerics sets for `mode` (default: params.yaml `base.numerics`), so
+    a side runs the kernels the pipeline runs; they must be in the child's environment at start."""
+    from lmpipe.core import numerics
+    from lmpipe.core.params import load_params
+
+    return numerics.pinned_env(mode or load_params(ROOT / "params.yaml").base.numerics, THREADS)
+
+
 def run_child(module: str, side: str, config: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
     """Run `python -m <module> --side <side>` in a fresh process; return what it measured.
 
@@ -114,7 +124,7 @@ def run_child(module: str, side: str, config: dict[str, Any], timeout: float = 9
     with tempfile.TemporaryDirectory(prefix="lmpipe-bench-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", module, "--side", side, "--config", json.dumps(config), "--out", str(out)]
-        env = {**os.environ, **CHILD_ENV}
+        env = {**os.environ, **CHILD_ENV, **numerics_env(config.get("numerics"))}
         started = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.is_file():

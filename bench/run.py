@@ -27,7 +27,15 @@ from typing import Any
 
 from bench import common
 
-BENCHMARKS = ("mlm_throughput", "finetune_throughput", "tokenize_speed", "inference", "startup", "memory")
+BENCHMARKS = (
+    "mlm_throughput",
+    "finetune_throughput",
+    "numerics_cost",
+    "tokenize_speed",
+    "inference",
+    "startup",
+    "memory",
+)
 OUT_DIR = Path(__file__).resolve().parent
 
 

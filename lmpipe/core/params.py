@@ -42,7 +42,13 @@ class BaseParams(Schema):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where torch runs: `auto` takes CUDA when present, else the CPU."""
     threads: int = Field(2, ge=0)
-    """torch intra-op threads; 0 keeps torch's default. Fixed so results repeat byte for byte."""
+    """Threads of every pool (torch intra-op, OpenMP, MKL, OpenBLAS); 0 keeps each library's
+    default (the core count: sums then differ by machine). Fixed so results repeat byte for byte."""
+    numerics: Literal["portable", "fast"] = "portable"
+    """Which kernels run (lmpipe.core.numerics): `portable` pins the AVX2 kernels of torch, MKL,
+    numpy and OpenBLAS, so every x86-64 machine with AVX2 makes the same bytes (the committed
+    lock); `fast` lets each library take this CPU's fastest (AVX-512 where present): same bytes on
+    the same machine only. Measured cost of portable: README, "Same bytes on any machine"."""
     experiment: str = Field("lmpipe", min_length=1)
     """MLflow experiment that every stage run is logged to."""
     peak_flops: float | None = Field(None, gt=0)

@@ -2,7 +2,8 @@
 
 Results depend only on code, data and params, so a rerun rewrites `metrics.json` byte for byte.
 `perf.json` holds what the machine and its load decide (seconds, tokens/s, MB/s, MFU, latency,
-the measured peak FLOP/s) and how the run went (the step it resumed from). Kept apart, in their
+the measured peak FLOP/s), how the run went (the step it resumed from) and the numeric
+environment it ran in (lmpipe.core.numerics.record: CPU, kernels, pins). Kept apart, in their
 own folder that no stage reads, a rerun of the same code and data changes only the perf files in
 `dvc.lock` (and reruns nothing downstream), and `dvc metrics diff` never shows timing noise next
 to results. Both go to MLflow, where speed is compared across runs.
@@ -14,13 +15,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+from lmpipe.core import numerics
 from lmpipe.core.io import write_json
 
 METRICS_FILE = "metrics.json"
 PERF_DIR = Path("reports/perf")
 HEADLINE_FILE = "headline.json"  # the few numbers `dvc metrics show` / `dvc exp show` display
-# a key (at any depth) naming a timing, a throughput or a resume point; its whole subtree is perf
-PERF_KEY = re.compile(r"seconds|_per_s$|^mfu$|^latency|^peak_flops|^resumed_from$")
+# a key (at any depth) naming a timing, a throughput or a resume point, or a figure onnxruntime
+# measured (its kernels follow the CPU, with no setting to pin them: logit differences and int8
+# accuracy change in their last digits from machine to machine); its whole subtree is perf
+PERF_KEY = re.compile(
+    r"seconds|_per_s$|^mfu$|^latency|^peak_flops|^resumed_from$|^(onnx|int8)_(accuracy|agreement|max_abs_logit_diff)"
+)
 
 
 def split_perf(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -54,5 +60,5 @@ def write_stage_reports(stage: str, folder: str | Path, metrics: dict[str, Any])
     """Write `<folder>/metrics.json` (results) and the stage's perf file (timings); return the results."""
     results, perf = split_perf(metrics)
     write_json(Path(folder) / METRICS_FILE, results)
-    write_json(perf_file(stage), perf)
+    write_json(perf_file(stage), {**perf, "numerics": numerics.record()})
     return results

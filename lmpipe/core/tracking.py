@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lmpipe.core import numerics
 from lmpipe.core.errors import Terminated
 from lmpipe.core.lineage import (
     TAG_GIT_DIRTY,
@@ -525,6 +526,7 @@ def stage_run(
         yield Tracker()
         return
     cwd = Path.cwd()
+    numerics.record()  # in portable mode, kernels that escaped the pin stop the stage before work
     experiment = getattr(getattr(params, "base", None), "experiment", "lmpipe")
     tracker, start_ms = Tracker(), _now_ms()  # the run starts when the stage does, not when it is open
     tracker.open_in_background(
@@ -556,7 +558,7 @@ def stage_run(
             tracker.log_metrics(_resources(started, startup))
             tracker.flush()
             if status == "FINISHED":
-                tracker.set_tags(_hash_tags("out", list(outputs), cwd))
+                tracker.set_tags({**_hash_tags("out", list(outputs), cwd), **numerics.tags(numerics.record())})
             tracker.end(status)
 
 

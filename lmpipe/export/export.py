@@ -28,9 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from lmpipe.core import numerics
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import read_json, write_text
 from lmpipe.core.lineage import TAG_MODEL_URI, TAG_REGISTERED_MODEL, TAG_REGISTERED_VERSION, dvc_md5, read_lock
+from lmpipe.core.reports import split_perf
 from lmpipe.export import model_card, trimming
 from lmpipe.inference.classifier import INFO_FILE
 from lmpipe.inference.predictor import Predictor, read_labels
@@ -227,16 +229,18 @@ def write_card(
         "encoding": result.encoding,
         "onnx_inputs": result.onnx_inputs,
     }
-    export = {"params": cfg.model_dump(mode="json"), "parity": result.metrics["parity"]}
+    parity = split_perf(result.metrics)[0]["parity"]  # what torch decided; onnxruntime's figures are perf
+    export = {"params": cfg.model_dump(mode="json"), "parity": parity}
     files = model_card.file_table(out)
-    lineage = model_card.build_lineage(root, lock, hashes, model=model, export=export, files=files)
+    numbers = numerics.contract(numerics.record())
+    lineage = model_card.build_lineage(root, lock, hashes, model=model, export=export, files=files, numerics=numbers)
     test_row, base_row = evaluation_rows(evaluate_metrics, name)
     card = model_card.render_card(
         lineage,
         registered_name=cfg.registered_name,
         labels=result.labels,
         encoding=result.encoding,
-        parity=result.metrics["parity"],
+        parity=parity,
         test_metrics=test_row,
         baseline_metrics=base_row,
         val_metrics={k: v for k, v in val_metrics.items() if k.startswith("val_") and isinstance(v, (int, float))},

@@ -131,13 +131,34 @@ def test_foreach_stages_are_checked_through_their_template(dvc_yaml):
     assert any(p.startswith("dvc.yaml: stage 'finetune' imports lmpipe/train/") for p in dependency_problems(broken))
 
 
+def _numerics_pin(node: ast.stmt) -> bool:
+    """`import sys` or `if sys.argv[:1] == ["-m"]:` importing and calling lmpipe.core.numerics.pin_from_params:
+    the pin's logic lives in lmpipe/core, which every stage lists, so this trigger changes no result itself."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names] == ["sys"]
+    if not isinstance(node, ast.If) or node.orelse:
+        return False
+    imports, calls = node.body[:-1], node.body[-1:]
+    imported = all(isinstance(n, ast.ImportFrom) and n.module == "lmpipe.core.numerics" for n in imports)
+    called = [ast.unparse(n) for n in calls] == ["pin_from_params()"]
+    return ast.unparse(node.test) == "sys.argv[:1] == ['-m']" and imported and called
+
+
 def test_top_level_inits_hold_nothing_that_can_change_a_result():
     for path in TOP_INITS:
         tree = ast.parse((ROOT / path).read_text(encoding="utf-8"))
         for node in tree.body:
             docstring = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
             version = isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["__version__"]
-            assert docstring or version, f"{path} line {node.lineno}: only a docstring and __version__ belong here"
+            pin = path == "stages/__init__.py" and _numerics_pin(node)
+            assert docstring or version or pin, (
+                f"{path} line {node.lineno}: only a docstring, __version__ and the numerics pin belong here"
+            )
+
+
+def test_stages_pin_their_numerics_before_numpy_or_torch_load():
+    tree = ast.parse((ROOT / "stages/__init__.py").read_text(encoding="utf-8"))
+    assert any(isinstance(node, ast.If) and _numerics_pin(node) for node in tree.body)
 
 
 # --------------------------------------------------------------------------- the package's shape

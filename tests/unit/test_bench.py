@@ -12,7 +12,16 @@ import math
 import pytest
 import torch
 
-from bench import common, finetune_throughput, inference, mlm_throughput, profile_pretrain, run, tokenize_speed
+from bench import (
+    common,
+    finetune_throughput,
+    inference,
+    mlm_throughput,
+    numerics_cost,
+    profile_pretrain,
+    run,
+    tokenize_speed,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +52,14 @@ def test_mlm_fused_option_reaches_the_loop():
     config = {**mlm_throughput.default_config(quick=True), "fused": True}
     result = mlm_throughput.run_side("ours", config)
     assert result["optimizer"] == "AdamW fused" and math.isfinite(result["loss_mean"])
+
+
+def test_numerics_cost_sides_run_the_loops_under_each_mode_in_a_fresh_process():
+    config = numerics_cost.default_config(quick=True)
+    portable = common.run_child(numerics_cost.MODULE, "pretrain_portable", {**config, "numerics": "portable"})
+    fast = common.run_child(numerics_cost.MODULE, "finetune_fast", {**config, "numerics": "fast"})
+    assert portable["numerics"] == "AVX2" and portable["tokens_per_s"] > 0
+    assert fast["numerics"] == torch.backends.cpu.get_cpu_capability() and fast["tokens_per_s"] > 0
 
 
 def test_finetune_sides_train_on_the_same_examples_and_count_real_tokens():
