@@ -174,6 +174,33 @@ def _recorded_git(target: Path) -> dict[str, Any]:
     return {}
 
 
+def committed_lock(root: Path) -> tuple[str | None, dict[str, Any]]:
+    """(HEAD's short revision, the `stages` of the dvc.lock committed there); (None, {}) outside git."""
+    import subprocess
+
+    def git(*args: str) -> str | None:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout if done.returncode == 0 else None
+
+    text = git("show", "HEAD:./dvc.lock")
+    rev = git("rev-parse", "--short", "HEAD")
+    if text is None or rev is None:
+        return None, {}
+    return rev.strip(), (load_yaml(text) or {}).get("stages", {})
+
+
+def not_committed(lock: dict[str, Any], committed: dict[str, Any], stages: list[str]) -> list[dict[str, str]]:
+    """Outputs of `stages` whose md5 in the workspace dvc.lock is not the one the committed lock records:
+    this machine rebuilt them with other bytes (timing files under reports/perf/ aside)."""
+    was = {o["path"]: o.get("md5") for entry in committed.values() for o in entry.get("outs", [])}
+    return [
+        {"stage": name, "path": o["path"], "committed": was[o["path"]], "here": o.get("md5")}
+        for name in stages
+        for o in lock[name].get("outs", [])
+        if o["path"] in was and was[o["path"]] != o.get("md5") and not o["path"].startswith("reports/perf/")
+    ]
+
+
 def audit(target: str, root: str | Path = ".", tracking_uri: str | None = None) -> dict[str, Any]:
     """Build the audit report of `target` (a path relative to the project root)."""
     root = Path(root)
@@ -204,10 +231,13 @@ def audit(target: str, root: str | Path = ".", tracking_uri: str | None = None) 
         for key, vals in stage.stale_params.items():
             problems.append(f"{stage.name}: stale: param {key} is {vals['now']!r} now, ran with {vals['recorded']!r}")
     target_path = root / target
+    head, committed = committed_lock(root)
     return {
         "target": target,
         "ok": not problems,
         "problems": problems,
+        # not a failure: the workspace lock proves these files; they are not the commit's bytes, though
+        "not_committed": {"rev": head, "outputs": not_committed(lock, committed, [s.name for s in stages])},
         "git": {"recorded": _recorded_git(target_path), "now": git_state(root)},
         "packages": _packages(target_path),
         "tracking_uri_used": bool(tracking_uri),
@@ -301,6 +331,15 @@ def format_report(report: dict[str, Any]) -> str:
             flag = "" if v["recorded"] == v["now"] else "  DIFFERENT"
             lines.append(f"  {name} {v['recorded']} -> {v['now']}{flag}")
     lines.append("")
+    differ = report.get("not_committed", {}).get("outputs", [])
+    if differ:
+        rev = report["not_committed"]["rev"]
+        lines.append(
+            f"note: {len(differ)} output(s) are not the bytes the dvc.lock committed at {rev} records "
+            "(this machine rebuilt them; `lmpipe audit --rebuild` says whether the metrics agree):"
+        )
+        lines.extend(f"  {d['path']:<45} committed {d['committed']}, here {d['here']}" for d in differ)
+        lines.append("")
     if report["ok"]:
         n = sum(len(s["files"]) for s in report["stages"])
         lines.append(f"OK: {len(report['stages'])} stages, {n} recorded paths match the disk")

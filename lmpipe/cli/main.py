@@ -35,11 +35,31 @@ def _params_check(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-
+    if args.rebuild:
+        return _audit_rebuild(args)
+    if args.keep or args.workdir:
+        raise LmpipeError("--keep and --workdir go with --rebuild")
     uri = None if args.no_mlflow else (args.tracking_uri or default_tracking_uri(args.project))
     report = audit_target(args.path, project=args.project, tracking_uri=uri)
     print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_report(report))
     return 0 if report["ok"] else 1
+
+
+def _audit_rebuild(args: argparse.Namespace) -> int:
+    from lmpipe.audit import copies
+    from lmpipe.audit.rebuild import format_rebuild, rebuild
+    from lmpipe.core.project import project_root
+
+    root = project_root(args.project)
+    target = copies.resolve_inside(args.path, root)
+    if target is None and not Path(args.path).is_absolute():
+        target = Path(args.path).as_posix()  # not on disk now: the rebuild writes it, relative to the project
+    if target is None or copies.is_registered(args.path):
+        raise LmpipeError(f"{args.path}: --rebuild reruns an output of the project at {root}, not a copy")
+    # dvc's log goes to stderr as it runs, so stdout holds only the report (--json stays parseable)
+    report = rebuild(root, target, workdir=args.workdir, keep=args.keep, stream=sys.stderr)
+    print(json.dumps(report, indent=2, sort_keys=True) if args.json else format_rebuild(report))
+    return report["exit_code"]
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -75,10 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser(
         "audit",
-        help="how was this model made? check every recorded hash against the disk",
+        help="how was this model made? check every recorded hash against the disk (or rebuild it)",
         description="Walk dvc.lock back from PATH to the raw data: commands, params, input and "
         "output hashes (recomputed from disk), git revision, package versions, MLflow runs. "
-        "Exit 1 naming the file when anything no longer matches, or a stage is stale.",
+        "Exit 1 naming the file when anything no longer matches, or a stage is stale. "
+        "With --rebuild: rerun the stages PATH needs in a fresh copy of the sources and compare every "
+        "output with dvc.lock; where bytes differ, every metric with a bootstrap CI against the "
+        "committed run's CI. Exit 0 identical, 3 bytes differ but every metric inside its CI, "
+        "4 a metric outside it, 5 bytes differ and no metric to judge (PATH stops before evaluate), "
+        "1 the rebuild failed.",
     )
     audit.add_argument(
         "path",
@@ -93,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--tracking-uri", help="MLflow store to look runs up in (default: the project's)")
     audit.add_argument("--no-mlflow", action="store_true", help="skip the MLflow run look-up")
+    audit.add_argument(
+        "--rebuild", action="store_true", help="rerun the DAG up to PATH in a temporary copy and compare the bytes"
+    )
+    audit.add_argument("--workdir", help="with --rebuild: rebuild in this new or empty folder (default: a temp one)")
+    audit.add_argument("--keep", action="store_true", help="with --rebuild: keep the copy and its log")
     audit.set_defaults(func=_audit)
 
     sync = commands.add_parser(

@@ -83,6 +83,7 @@ def cpu_info() -> dict[str, Any]:
     return {
         "model": fields.get("model name") or platform.processor() or platform.machine(),
         "vendor": fields.get("vendor_id"),
+        "family_model": f"{fields.get('cpu family')}/{fields.get('model')}",  # e.g. AMD 25/17: Zen 4 (Genoa)
         "flags": [flag for flag in wanted if flag in flags],
         "flags_known": bool(flags),
     }
@@ -217,7 +218,7 @@ def tags(numerics: dict[str, Any]) -> dict[str, str]:
     cpu = numerics["cpu"]
     out = {
         "mode": numerics["mode"],
-        "cpu": str(cpu["model"]),
+        "cpu": f"{cpu['model']} ({cpu.get('vendor')} family/model {cpu.get('family_model')})",
         "cpu_flags": " ".join(cpu["flags"]),
         "pinned": json.dumps(numerics["pinned"], sort_keys=True),
         "replaced": json.dumps(numerics["replaced"], sort_keys=True),
