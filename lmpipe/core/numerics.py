@@ -130,7 +130,11 @@ def pin_from_params(path: str = "params.yaml") -> None:
         base = load_params(path).base
     except LmpipeError:
         return
-    pin(base.numerics, base.threads)
+    try:
+        pin(base.numerics, base.threads)
+    except LmpipeError as exc:  # before the stage's own error handling exists: the same one line, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _library_state() -> dict[str, Any]:

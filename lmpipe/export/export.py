@@ -9,7 +9,9 @@
   for every backend (same encoding, same length-sorted batches): max |logit difference| to
   torch, accuracy, agreement. Out of tolerance -> LmpipeError, and the caller's atomic_dir
   leaves nothing behind. Also end-to-end latency (tokenization included) and file sizes.
-- `write_card`: lineage.json and README.md (lmpipe.export.model_card).
+- `write_card`: lineage.json and README.md (lmpipe.export.model_card), with torch's parity figures
+  and the gates passed; onnxruntime's figures follow the CPU's kernels (nothing pins them), so
+  they are perf (reports/perf/export.json) and the export's files stay the same bytes everywhere.
 - `publish`: the folder as an MLflow pyfunc model in the stage's run, registered by name.
 """
 

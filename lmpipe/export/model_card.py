@@ -9,7 +9,8 @@ every exported file. Only project-relative paths, no environment, no times, no M
 keys sorted: the same export gives the same bytes.
 
 Card: Hugging Face model-card front matter (YAML) and a body a reader can act on: intended use,
-limits, the evaluation table, the ONNX parity figures, how to run it, and the lineage.
+limits, the evaluation table, the ONNX parity gates it passed, how to run it, the numerics mode
+and the lineage.
 """
 
 from __future__ import annotations

@@ -168,3 +168,16 @@ def test_params_reject_an_unknown_mode():
     raw["base"]["numerics"] = "turbo"
     with pytest.raises(LmpipeError, match=r"base\.numerics"):
         parse_params(raw, "params.yaml")
+
+
+def test_a_stage_whose_pin_fails_exits_2_with_one_line(tmp_path):
+    params = (ROOT / "params.yaml").read_text(encoding="utf-8")
+    (tmp_path / "params.yaml").write_text(params.replace("threads: 2 ", "threads: 0 "), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.baseline"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: params.yaml: base.numerics: portable needs base.threads >= 1 (got 0: the core count decides sums)"
+    ]
