@@ -15,6 +15,7 @@ import torch
 from bench import (
     common,
     finetune_throughput,
+    fingerprint,
     inference,
     mlm_throughput,
     numerics_cost,
@@ -60,6 +61,30 @@ def test_numerics_cost_sides_run_the_loops_under_each_mode_in_a_fresh_process():
     fast = common.run_child(numerics_cost.MODULE, "finetune_fast", {**config, "numerics": "fast"})
     assert portable["numerics"] == "AVX2" and portable["tokens_per_s"] > 0
     assert fast["numerics"] == torch.backends.cpu.get_cpu_capability() and fast["tokens_per_s"] > 0
+
+
+def test_fingerprint_compares_a_machine_with_every_earlier_one():
+    line = {"portable": {"mm": "a"}, "fast": {"mm": "b"}}
+    earlier = [
+        {
+            "date": "2026-12-01",
+            "cpu": {"model": "AVX2 box"},
+            "peak_gflops": 67.0,
+            "portable": {"mm": "a"},
+            "fast": {"mm": "c"},
+        },
+        {
+            "date": "2026-12-02",
+            "cpu": {"model": "Odd box"},
+            "peak_gflops": 157.4,
+            "portable": {"mm": "x"},
+            "fast": {"mm": "b"},
+        },
+    ]
+    assert fingerprint.compare(line, earlier) == [
+        "2026-12-01 AVX2 box (67 GFLOP/s): portable SAME, fast different",
+        "2026-12-02 Odd box (157 GFLOP/s): portable DIFFERENT, fast same",
+    ]
 
 
 def test_finetune_sides_train_on_the_same_examples_and_count_real_tokens():
