@@ -38,3 +38,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(items):
+    """Unit tests first, integration tests last: the session's tiny `dvc repro` runs meanwhile."""
+    items.sort(key=lambda item: "integration" in item.keywords)  # stable: order within each kept
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pipeline_head_start(request, tmp_path_factory):
+    """Start the `pipeline` fixture's `dvc repro` before the first test when any test uses it.
+
+    The repro's wall time overlaps the unit tests instead of adding to them; `pipeline` itself
+    waits for it, and the session's end stops it if no test waited.
+    """
+    if not any("pipeline" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield
+        return
+    from tests.integration.conftest import start_pipeline, stop_pipeline
+
+    start_pipeline(tmp_path_factory)
+    yield
+    stop_pipeline()

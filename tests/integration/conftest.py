@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -133,10 +134,68 @@ def copy_project(dest: Path, override: dict | None = None) -> Path:
     return dest
 
 
+_REPRO: dict[str, Any] = {}  # the session's one background `dvc repro` (start_pipeline)
+
+
+def start_pipeline(tmp_path_factory) -> dict[str, Any]:
+    """Copy the project and start its tiny `dvc repro` in the background, once per session.
+
+    tests/conftest.py calls this before the first test when any collected test uses `pipeline`,
+    and runs the integration tests last: the unit tests fill the cores the repro leaves idle
+    (stage start-up, dvc's own bookkeeping) instead of waiting for it.
+    """
+    if not _REPRO:
+        path = copy_project(tmp_path_factory.mktemp("project"))
+        log = tmp_path_factory.mktemp("repro-log")
+        out, err = open(log / "stdout", "w+"), open(log / "stderr", "w+")  # files: a full pipe would block it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro"],
+            cwd=path,
+            env=env(),
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=True,  # its stages are its children: stop_pipeline ends the whole group
+        )
+        _REPRO.update(path=path, proc=proc, out=out, err=err, start=time.monotonic(), result=None)
+    return _REPRO
+
+
+def stop_pipeline() -> None:
+    """End the background repro if the session ends before `pipeline` waited for it."""
+    proc = _REPRO.get("proc")
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        for name in ("out", "err"):
+            _REPRO[name].close()
+
+
+def read_back(file) -> str:
+    with file:
+        file.seek(0)
+        return file.read()
+
+
+def wait_pipeline(started: dict[str, Any], timeout: int = 1500) -> dict[str, Any]:
+    if started["result"] is None:
+        proc = started["proc"]
+        try:
+            proc.wait(timeout=max(1.0, timeout - (time.monotonic() - started["start"])))
+        except subprocess.TimeoutExpired:
+            stop_pipeline()
+            raise AssertionError(f"dvc repro ran past {timeout} s") from None
+        seconds = time.monotonic() - started["start"]
+        stdout, stderr = (read_back(started[name]) for name in ("out", "err"))
+        if proc.returncode != 0:
+            raise AssertionError(
+                f"dvc repro exited {proc.returncode}\n--- stdout\n{stdout[-4000:]}\n--- stderr\n{stderr[-6000:]}"
+            )
+        started["result"] = {"path": started["path"], "seconds": seconds, "log": stdout + stderr}
+    return started["result"]
+
+
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory) -> dict[str, Any]:
     """The project copy after one full `dvc repro` on tiny params (with its timing)."""
-    path = copy_project(tmp_path_factory.mktemp("project"))
-    start = time.monotonic()
-    done = dvc("repro", cwd=path, timeout=1500)
-    return {"path": path, "seconds": time.monotonic() - start, "log": done.stdout + done.stderr}
+    return wait_pipeline(start_pipeline(tmp_path_factory))
