@@ -27,9 +27,9 @@ from lmpipe.core.io import load_yaml
 from lmpipe.core.lineage import (
     TAG_GROUP,
     TAG_STAGE,
+    code_state,
     dir_listing,
     dvc_md5,
-    git_state,
     producer_runs,
     read_lock,
     upstream_stages,
@@ -238,7 +238,7 @@ def audit(target: str, root: str | Path = ".", tracking_uri: str | None = None) 
         "problems": problems,
         # not a failure: the workspace lock proves these files; they are not the commit's bytes, though
         "not_committed": {"rev": head, "outputs": not_committed(lock, committed, [s.name for s in stages])},
-        "git": {"recorded": _recorded_git(target_path), "now": git_state(root)},
+        "git": {"recorded": _recorded_git(target_path), "now": code_state(root)},
         "packages": _packages(target_path),
         "tracking_uri_used": bool(tracking_uri),
         "stages": [
@@ -280,7 +280,7 @@ def _with_copy(copy: copies.CopyReport, root: Path, tracking_uri: str | None) ->
             "target": copy.source,
             "ok": True,
             "problems": [],
-            "git": {"recorded": {}, "now": git_state(root)},
+            "git": {"recorded": {}, "now": code_state(root)},
             "packages": {},
             "tracking_uri_used": bool(tracking_uri),
             "stages": [],
@@ -310,8 +310,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.extend(f"  {note}" for note in copy["notes"])
     rec, now = report["git"]["recorded"], report["git"]["now"]
     if rec:
-        lines.append(f"git at export: {rec.get('rev')} (dirty: {rec.get('dirty')})")
-    lines.append(f"git now:       {now.get('rev')} (dirty: {now.get('dirty')})")
+        lines.append(f"code at export: {rec.get('rev')} (dirty: {rec.get('dirty')})")
+    lines.append(f"code now:       {now.get('rev')} (dirty: {now.get('dirty')})")
     for stage in report["stages"]:
         lines.append("")
         lines.append(f"stage {stage['name']}: {stage['cmd']}")

@@ -27,7 +27,7 @@ to the copy's own store, grouped as `rebuild-<UTC time>`.
 
 The copy is the project as the committed run saw it, so that what a stage records about itself
 (the git revision and dirty flag in `lineage.json`) comes out the same: its git HEAD is the
-project's HEAD commit (fetched shallow), and it keeps the committed `dvc.lock` (lineage leaves the
+project's HEAD commit (with its history), and it keeps the committed `dvc.lock` (lineage leaves the
 outputs it lists out of the dirty flag); `dvc repro --force` reruns every stage all the same. The
 rebuilt hashes are computed from the files the rebuild wrote, not read from a lock.
 """
@@ -238,10 +238,11 @@ def rebuilt_md5s(root: Path, lock: dict[str, Any], stages: list[str]) -> dict[st
 
 
 def _same_head(root: Path, dest: Path) -> str | None:
-    """Make `dest` a git repo whose HEAD is `root`'s HEAD commit (fetched shallow); None, or why it could not."""
+    """Make `dest` a git repo whose HEAD is `root`'s HEAD commit (with its history); None, or why it could not."""
     _git("init", "-q", cwd=dest)
     try:
-        _git("fetch", "-q", "--depth=1", "--no-tags", root.resolve().as_uri(), "HEAD", cwd=dest)
+        # the whole history: lineage records the last commit that changed the sources (code_state)
+        _git("fetch", "-q", "--no-tags", root.resolve().as_uri(), "HEAD", cwd=dest)
         _git("reset", "-q", "FETCH_HEAD", cwd=dest)
         return None
     except subprocess.CalledProcessError as exc:  # no commit yet, or git refuses the folder: a commit of its own

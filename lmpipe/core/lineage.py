@@ -89,22 +89,37 @@ def dvc_md5(path: str | os.PathLike) -> str:
     return file_md5(path)
 
 
+def _git(root: str | os.PathLike, *args: str) -> str | None:
+    """`git ARGS` in `root`: its stripped output, or None (no git, not a repository, an error)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
 def git_state(root: str | os.PathLike) -> dict[str, Any]:
     """{"rev": commit sha or None, "dirty": bool or None} of the repository at `root`."""
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip()
-
-    rev = git("rev-parse", "HEAD")
+    rev = _git(root, "rev-parse", "HEAD")
     # `dvc repro` itself rewrites dvc.lock, the .gitignore files of outputs and the outputs kept
     # in git (reports, perf files): those edits say nothing about the code that ran.
     outputs = sorted({o["path"] for e in read_lock(root).values() for o in e.get("outs", [])})
     excluded = [":(exclude)dvc.lock", ":(exclude,glob)**/.gitignore", *(f":(exclude){p}" for p in outputs)]
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
+    return {"rev": rev or None, "dirty": None if status is None else bool(status)}
+
+
+def code_state(root: str | os.PathLike) -> dict[str, Any]:
+    """{"rev", "dirty"} of what makes the outputs: the last commit that changed a source the stages
+    read (every dep in dvc.lock that no stage writes: code, params, added data; plus dvc.yaml), and
+    whether one has uncommitted edits. A commit of only the lock, reports, docs or tests leaves it as
+    it was, so a model rebuilt at a later commit records the same revision (same bytes)."""
+    lock = read_lock(root)
+    outputs = [o["path"] for e in lock.values() for o in e.get("outs", [])]
+    deps = {d["path"] for e in lock.values() for d in e.get("deps", [])}
+    sources = sorted(p for p in deps if not any(overlaps(p, o) for o in outputs)) + ["dvc.yaml", "params.yaml"]
+    rev = _git(root, "log", "-1", "--format=%H", "--", *sources)
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *sources)
     return {"rev": rev or None, "dirty": None if status is None else bool(status)}
 
 

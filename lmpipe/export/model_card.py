@@ -1,12 +1,13 @@
 """The exported model's lineage (`lineage.json`) and its model card (`README.md`).
 
-Lineage: every stage upstream of the export in `dvc.lock` (the stages whose outputs the export
-read, followed back to the raw data) with its command, params and the md5 of each dep and out;
-the md5 of the export's own inputs now, and whether each still equals what dvc.lock recorded;
-the git revision and dirty flag; the versions of the packages that shape the model; the md5 of
-every exported file. Only project-relative paths, no environment, no times, no MLflow run ids
-(they would make two identical exports differ; `lmpipe audit` finds the runs by hash tags), and
-keys sorted: the same export gives the same bytes.
+Lineage: every stage upstream of the export in `dvc.lock` (the stages whose outputs the export read,
+followed back to the raw data) with its command, params and the md5 of each dep and out; the md5 of
+the export's own inputs now, and whether each still equals what dvc.lock recorded; the last commit
+that changed the pipeline's sources (code, params, dvc.yaml) and whether they had uncommitted edits
+(lmpipe.core.lineage.code_state: not HEAD, so committing the lock keeps it); the versions of the
+packages that shape the model; the md5 of every exported file. Only project-relative paths, no
+environment, no times, no MLflow run ids (they would make two identical exports differ; `lmpipe
+audit` finds the runs by hash tags), and keys sorted: the same export gives the same bytes.
 
 Card: Hugging Face model-card front matter (YAML) and a body a reader can act on: intended use,
 limits, the evaluation table, the ONNX parity gates it passed, how to run it, the numerics mode
@@ -25,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from lmpipe.core.lineage import dir_listing, git_state, upstream_stages
+from lmpipe.core.lineage import code_state, dir_listing, upstream_stages
 from lmpipe.core.reports import PERF_DIR
 
 # Distributions whose versions decide what the exported files contain and how they run.
@@ -153,7 +154,7 @@ def build_lineage(
         "inputs": dict(sorted(inputs.items())),
         "inputs_match_lock": matches,
         "stages": {name: _stage_record(lock[name]) for name in stages},
-        "git": git_state(root),
+        "git": code_state(root),  # the sources' last commit: a later commit of only outputs or docs keeps it
         "packages": package_versions(),
         "python": platform.python_version(),
         "numerics": numerics,  # lmpipe.core.numerics.contract: what decides the bytes
@@ -534,7 +535,8 @@ def _lineage_summary(lineage: dict[str, Any]) -> list[str]:
     packages = ", ".join(f"{k} {v}" for k, v in sorted(lineage["packages"].items()) if v)
     return [
         "## Lineage\n",
-        f"- git revision `{git.get('rev')}` (uncommitted changes: {git.get('dirty')})",
+        f"- code revision `{git.get('rev')}`: the last commit that changed the pipeline's code or params "
+        f"(uncommitted changes: {git.get('dirty')})",
         f"- python {lineage['python']}; {packages}",
         _numerics_line(lineage.get("numerics")),
         "- `lmpipe audit models/export` re-checks every hash below against the disk.\n",

@@ -12,7 +12,7 @@ import yaml
 from lmpipe.audit import rebuild as rb
 from lmpipe.cli.main import main
 from lmpipe.core.errors import LmpipeError
-from lmpipe.core.lineage import dvc_md5, git_state
+from lmpipe.core.lineage import code_state, dvc_md5, git_state
 
 A, B, C = "a" * 32, "b" * 32, "c" * 32
 
@@ -313,6 +313,7 @@ def test_the_copy_holds_the_sources_and_the_record_at_the_same_commit_but_no_out
     ]
     # what a stage records about the code it ran (lineage.json, MLflow tags) is the same in the copy
     assert git_state(dest) == git_state(src) == {"rev": git("rev-parse", "HEAD", cwd=src).strip(), "dirty": False}
+    assert code_state(dest) == code_state(src)  # the whole history came along: lineage's code revision too
     assert rb.machine(dest / "params.yaml")["numerics"] == "fast"
     assert rb.machine(tmp_path / "absent.yaml")["numerics"] is None
 

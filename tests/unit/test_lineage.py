@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from lmpipe.core.lineage import dvc_md5, git_state, read_lock, upstream_stages
+from lmpipe.core.lineage import code_state, dvc_md5, git_state, read_lock, upstream_stages
 from lmpipe.core.project import default_tracking_uri, project_root
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -109,3 +109,31 @@ def test_upstream_stages_follow_outputs_back_to_the_raw_data():
     }
     assert upstream_stages(lock, ["models/finetuned/a"]) == ["fetch", "preprocess", "finetune@a"]
     assert upstream_stages(lock, ["models/finetuned"]) == ["fetch", "preprocess", "finetune@a", "finetune@b"]
+
+
+def test_code_state_follows_the_sources_not_head(tmp_path):
+    def run(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()
+
+    def commit(message):
+        run("add", "-A")
+        run("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+        return run("rev-parse", "HEAD")
+
+    lock = {"stages": {"train": {"deps": [{"path": "code"}, {"path": "data/x"}], "outs": [{"path": "reports/m.json"}]}}}
+    for name, text in {"code/a.py": "x = 1\n", "params.yaml": "a: 1\n", "dvc.yaml": "stages: {}\n"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "dvc.lock").write_text(json.dumps(lock))
+    run("init", "-q")
+    sources = commit("code")
+    (tmp_path / "README.md").write_text("docs\n")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports/m.json").write_text("{}\n")
+    later = commit("docs, lock and reports only")
+    assert git_state(tmp_path)["rev"] == later
+    assert code_state(tmp_path) == {"rev": sources, "dirty": False}  # a rebuild at `later` records the same
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert code_state(tmp_path)["dirty"] is True
+    assert commit("params") == code_state(tmp_path)["rev"]
+    assert code_state(Path("/"))["rev"] is None
