@@ -36,16 +36,16 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int, truncati
     """Token ids and attention masks, unpadded, [CLS] and [SEP] from the tokenizer.
 
     `head`: the first max_length - 2 tokens; `head_tail`: see `head_tail_split`. Texts that fit
-    are kept whole. The one encoding shared by finetune, evaluate, export and predict.
+    are kept whole. The one encoding shared by finetune, evaluate, export, predict and serve
+    (which keeps the uncut ids of `tokenize_texts` for its drift statistics, then `cut_and_wrap`s them).
     """
-    if truncation not in ("head", "head_tail"):
-        raise LmpipeError(f"truncation must be one of ['head', 'head_tail'] (got {truncation!r})")
-    if max_length < 3:
-        raise LmpipeError(f"max_length must be >= 3 to hold [CLS], a token and [SEP] (got {max_length})")
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    if cls_id is None or sep_id is None:
-        raise LmpipeError(f"tokenizer {type(tokenizer).__name__} has no [CLS]/[SEP] token")
-    raw = tokenizer(
+    ids = cut_and_wrap(tokenizer, tokenize_texts(tokenizer, texts), max_length, truncation)
+    return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of whole texts: no special tokens, no truncation (one fast-tokenizer batch call)."""
+    return tokenizer(
         list(texts),
         add_special_tokens=False,
         truncation=False,
@@ -54,14 +54,26 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int, truncati
         return_token_type_ids=False,
         verbose=False,
     )["input_ids"]
+
+
+def cut_and_wrap(tokenizer: Any, raw: Sequence[Sequence[int]], max_length: int, truncation: str) -> list[list[int]]:
+    """`tokenize_texts` ids cut to max_length (`head` or `head_tail`) and wrapped in [CLS] ... [SEP]."""
+    if truncation not in ("head", "head_tail"):
+        raise LmpipeError(f"truncation must be one of ['head', 'head_tail'] (got {truncation!r})")
+    if max_length < 3:
+        raise LmpipeError(f"max_length must be >= 3 to hold [CLS], a token and [SEP] (got {max_length})")
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls_id is None or sep_id is None:
+        raise LmpipeError(f"tokenizer {type(tokenizer).__name__} has no [CLS]/[SEP] token")
     budget = max_length - 2
     head, tail = head_tail_split(max_length) if truncation == "head_tail" else (budget, 0)
     ids = []
     for seq in raw:
+        seq = list(seq)
         if len(seq) > budget:
             seq = seq[:head] + (seq[len(seq) - tail :] if tail else [])
         ids.append([cls_id, *seq, sep_id])
-    return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids]}
+    return ids
 
 
 def pad_batch(input_ids: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndarray]:

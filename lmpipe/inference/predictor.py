@@ -20,7 +20,7 @@ from typing import Any
 from lmpipe.core.errors import LmpipeError
 from lmpipe.inference.batched import batched_logits, iter_batches, torch_forward
 from lmpipe.inference.classifier import INFO_FILE, load_model, quiet_transformers, read_info
-from lmpipe.inference.encoding import encode_texts
+from lmpipe.inference.encoding import cut_and_wrap, tokenize_texts
 from lmpipe.task.metrics import softmax
 
 BACKENDS = ("torch", "onnx", "onnx-int8")
@@ -134,8 +134,15 @@ class Predictor:
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of `texts` as the model was trained (its lmpipe.json max_length, truncation)."""
+        return self.cut(self.tokenize(texts))
 
-        return encode_texts(self.tokenizer, list(texts), self.max_length, self.truncation)["input_ids"]
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of the whole texts, before any cut (what `lmpipe serve` measures drift on)."""
+        return tokenize_texts(self.tokenizer, texts)
+
+    def cut(self, raw: Sequence[Sequence[int]]) -> list[list[int]]:
+        """`tokenize` ids cut and wrapped as in training: `encode` = `cut` after `tokenize`."""
+        return cut_and_wrap(self.tokenizer, raw, self.max_length, self.truncation)
 
     def batches(self, texts: Sequence[str], batch_size: int) -> Iterator[tuple[Any, dict[str, Any]]]:
         """(positions, int64 arrays) per batch, grouped by length: what `logits` runs (benchmarks time `run`)."""
@@ -148,10 +155,14 @@ class Predictor:
 
     def logits(self, texts: Sequence[str], batch_size: int = 32) -> Any:
         """float32 logits [n, n_labels], rows in the order of `texts` (the shared batched loop)."""
+        return self.logits_of_ids(self.encode(texts), batch_size)
+
+    def logits_of_ids(self, input_ids: Sequence[Sequence[int]], batch_size: int = 32) -> Any:
+        """float32 logits of `encode`d texts, rows in input order."""
         import numpy as np
 
         logits = batched_logits(
-            self.forward, self.encode(texts), self.pad_id, len(self.labels), batch_size, input_names=self.input_names
+            self.forward, input_ids, self.pad_id, len(self.labels), batch_size, input_names=self.input_names
         )
         return logits.astype(np.float32)
 
