@@ -488,6 +488,28 @@ class TrimParams(Schema):
         return self
 
 
+class DriftParams(Schema):
+    """What `lmpipe serve` compares live inputs with (written to models/export/drift.json)."""
+
+    reference_texts: int | None = Field(10000, ge=100)
+    """Train-split texts (a seeded stratified sample) the length and unknown-token shares come from;
+    null = all. The class prior always counts the whole split."""
+    length_bins: int = Field(10, ge=2, le=100)
+    """Quantile bins of the train split's text lengths (tokens, before truncation) for the length PSI."""
+    window: int = Field(500, ge=10)
+    """Live texts in the sliding window the PSI is computed over."""
+    min_window: int = Field(200, ge=10)
+    """No PSI before the window holds this many texts: noise alone gives ~(bins - 1) / texts (0.045 at 200)."""
+    psi_alert: float = Field(0.25, gt=0)
+    """A statistic's PSI above this is an alert (a log line and `lmpipe_drift_alerts_total`); 0.25 = major shift."""
+
+    @model_validator(mode="after")
+    def _min_within_window(self) -> "DriftParams":
+        if self.min_window > self.window:
+            raise ValueError(f"min_window ({self.min_window}) must be <= window ({self.window})")
+        return self
+
+
 class ExportParams(Schema):
     model: str = "best"
     """Which fine-tuned backbone to export: a key of finetune.backbones, or `best` by selection_metric."""
@@ -509,6 +531,8 @@ class ExportParams(Schema):
     """MLflow Model Registry name the exported model is registered under."""
     trim: TrimParams = TrimParams()
     """Dropping top encoder layers before quantization, and the size/latency/accuracy sweep."""
+    drift: DriftParams = DriftParams()
+    """The input-drift reference and alert thresholds the export ships for `lmpipe serve`."""
 
 
 # --------------------------------------------------------------------------- all

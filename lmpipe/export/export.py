@@ -4,7 +4,9 @@
   reports/finetune/<name>/metrics.json (lowest for val_loss), ties to the first name. Never
   the test split: test metrics would then no longer estimate the chosen model's error.
 - `build_export`: into a (temporary) folder: `hf/` (the fine-tuned folder, byte for byte),
-  `onnx/model.onnx` and `onnx/model.int8.onnx` (lmpipe.export.onnx_export), then the parity check on
+  `onnx/model.onnx` and `onnx/model.int8.onnx` (lmpipe.export.onnx_export), `drift.json` (the train
+  split's lengths, unknown-token shares and label prior, and torch's predicted class shares on the
+  parity texts: lmpipe.monitor.drift), then the parity check on
   a stratified sample of the test split through the SAME `lmpipe.inference.predictor.Predictor` code path
   for every backend (same encoding, same length-sorted batches): max |logit difference| to
   torch, accuracy, agreement. Out of tolerance -> LmpipeError, and the caller's atomic_dir
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -37,6 +40,7 @@ from lmpipe.core.lineage import TAG_MODEL_URI, TAG_REGISTERED_MODEL, TAG_REGISTE
 from lmpipe.core.reports import split_perf
 from lmpipe.export import model_card, trimming
 from lmpipe.inference.classifier import INFO_FILE
+from lmpipe.inference.encoding import tokenize_texts
 from lmpipe.inference.predictor import Predictor, read_labels
 from lmpipe.task.splits import load_label_names, load_split, stratified_subsample
 
@@ -141,6 +145,23 @@ def trim_before_export(hf: Path, texts: Sequence[str], y: np.ndarray, trim: Any,
     return rows
 
 
+def write_drift_reference(
+    hf: Path, processed: Path, labels: Sequence[str], predicted: np.ndarray, cfg: Any, seed: int, out: Path
+) -> None:
+    """drift.json: the train split's lengths, unknown-token shares and label prior, and the predicted
+    class shares on the parity texts (lmpipe.monitor.drift)."""
+    from transformers import AutoTokenizer
+
+    from lmpipe.monitor.drift import REFERENCE_FILE, Reference
+
+    texts, y = load_split(processed, "train", n_labels=len(labels))
+    chosen = stratified_subsample(y, cfg.reference_texts, seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(hf))
+    raw = tokenize_texts(tokenizer, [texts[i] for i in chosen])
+    reference = Reference.build(raw, tokenizer.unk_token_id, y, labels, predicted, cfg)
+    write_text(out / REFERENCE_FILE, json.dumps(reference.to_json(), indent=2, sort_keys=True) + "\n")
+
+
 def build_export(source: Path, out: Path, processed: Path, cfg: Any, *, seed: int, threads: int) -> ExportResult:
     """Fill `out` with hf/ and onnx/, check parity (raising LmpipeError), measure latency."""
     from lmpipe.export.onnx_export import export_classifier, quantize_int8
@@ -181,6 +202,8 @@ def build_export(source: Path, out: Path, processed: Path, cfg: Any, *, seed: in
             f"export.max_int8_accuracy_drop {cfg.max_int8_accuracy_drop:g}"
         )
 
+    predicted = logits["torch"].argmax(axis=1)
+    write_drift_reference(hf, processed, labels, predicted, cfg.drift, seed, out)
     latency = {("onnx_int8" if k == "int8" else k): measure_latency(p, texts) for k, p in backends.items()}
     files = {
         "torch": hf / "model.safetensors",

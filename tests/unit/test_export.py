@@ -154,6 +154,8 @@ def make_project(root: Path, classifier: Path, project_root: Path, **export) -> 
     processed.mkdir(parents=True)
     texts, labels = make_reviews(30, seed=7)
     pd.DataFrame({"text": texts, "label": labels}).to_parquet(processed / "test.parquet")
+    texts, labels = make_reviews(120, seed=8)  # the drift reference's train split
+    pd.DataFrame({"text": texts, "label": labels}).to_parquet(processed / "train.parquet")
     (processed / "labels.json").write_text(json.dumps({"labels": LABELS}))
     shutil.copytree(classifier, root / "models" / "finetuned" / "tiny")
     (root / "reports" / "finetune" / "tiny").mkdir(parents=True)
@@ -680,3 +682,20 @@ def test_dropping_top_layers_keeps_a_runnable_model_of_each_family(family):
     ids = torch.randint(5, len(VOCAB), (2, 8))
     with torch.no_grad():
         assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 2)
+
+
+def test_drift_reference_describes_the_train_split(exported):
+    """drift.json: the train split's length deciles, unknown-token shares and label prior, in the export."""
+    from lmpipe.monitor.drift import Reference
+    from lmpipe.task.splits import load_split
+
+    path = exported / "models/export/drift.json"
+    reference = Reference.from_json(json.loads(path.read_text()), str(path))
+    _, labels = load_split(exported / "data/processed", "train", n_labels=2)
+    assert reference.labels == LABELS and reference.texts == len(labels) == 120
+    assert reference.class_prior == pytest.approx(np.bincount(labels, minlength=2) / len(labels), abs=1e-6)
+    assert sum(reference.length_shares) == pytest.approx(1.0, abs=1e-5)
+    assert len(reference.length_shares) == len(reference.length_edges) + 1 >= 3
+    assert (reference.window, reference.min_window, reference.psi_alert) == (500, 200, 0.25)
+    assert reference.predicted_texts == 24 and sum(reference.predicted_shares) == pytest.approx(1.0, abs=1e-5)
+    assert "drift.json" in json.loads((exported / "models/export/lineage.json").read_text())["files"]
