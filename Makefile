@@ -12,7 +12,7 @@ PORT ?= 5000
 
 MODEL ?= models:/lmpipe-classifier/latest
 
-.PHONY: setup repro test lint format compare ui serve bench study toolbox chaos clean-venv
+.PHONY: setup repro test lint format compare ui serve serve-mlflow bench study toolbox chaos clean-venv
 
 setup: $(STAMP)
 
@@ -44,11 +44,20 @@ format: setup
 compare: setup
 	$(BIN)/lmpipe compare $(COMPARE_ARGS)
 
+# the MLflow UI on the project's store; first prints the address of its runs table (MLflow 3.17
+# opens an experiment on its GenAI overview otherwise)
 ui: setup
+	-@$(BIN)/lmpipe ui-url --port $(PORT) --tracking-uri sqlite:///$(CURDIR)/mlflow.db | sed 's/^/MLflow runs table: /'
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlartifacts
 
+# models/export over HTTP on 127.0.0.1:8000 (token: LMPIPE_SERVE_TOKEN; flags: SERVE_ARGS); README "Serve it"
+SERVE_ARGS ?=
 serve: setup
+	$(BIN)/lmpipe serve $(SERVE_ARGS)
+
+# the registered model through MLflow's own server (no token, no limits, no batching), for comparison
+serve-mlflow: setup
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 	  $(BIN)/mlflow models serve -m $(MODEL) --env-manager local --host 127.0.0.1 --port $(PORT)
 

@@ -24,7 +24,7 @@ Features:
 - deterministic outputs (seeded, sorted keys, fixed float formats, metadata-free PNGs);
 - an MLflow run carrying every pipeline param, the flattened headline metrics, the plots and
   the table as artifacts, and `upstream.<stage>.run_id` tags linking the runs that made its
-  inputs (found by their DVC hashes).
+  inputs (found by their DVC hashes); the params and headline also go to the pipeline run.
 """
 
 from __future__ import annotations
@@ -80,8 +80,10 @@ def main() -> dict:
             numbers = evaluation.headline_numbers(result, selected)
             write_json(tmp / HEADLINE_FILE, numbers)
         tracker.log_metrics(evaluation.flat_metrics(head))
-        tracker.log_metrics({f"headline.{k}": v for k, v in numbers.items() if isinstance(v, (int, float))})
+        headline = {f"headline.{k}": v for k, v in numbers.items() if isinstance(v, (int, float))}
+        tracker.log_metrics(headline)
         tracker.set_tags({TAG_HEADLINE_MODEL: selected})
+        tracker.log_to_pipeline(headline, tags={TAG_HEADLINE_MODEL: selected})  # the pipeline run's row in the UI
         if tracker.active:
             tracker.set_tags(upstream_tags(params.base.experiment, inputs))
         tracker.log_input(PROCESSED / "test.parquet", context="test")

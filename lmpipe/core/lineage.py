@@ -45,6 +45,12 @@ TAG_OWNER_PID = "lmpipe.owner.pid"  # its process id
 TAG_OWNER_START = "lmpipe.owner.start"  # its start time (/proc/<pid>/stat field 22), so a reused pid is no owner
 TAG_KILLED_REASON = "lmpipe.killed_reason"  # why lmpipe closed a run as KILLED
 TAG_SPOOL_ID = "lmpipe.spool_id"  # a run made by replaying a spool: its local id, so a second replay finds it
+# One parent run per pipeline run (group), the stage runs nested under it, as MLflow's UI shows them.
+TAG_KIND = "lmpipe.kind"  # KIND_PIPELINE on a group's parent run, KIND_STAGE on a stage's run
+KIND_PIPELINE = "pipeline"
+KIND_STAGE = "stage"
+TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own nesting tag: a stage run's pipeline run
+TAG_CREATED = "lmpipe.created"  # a pipeline run: when it was made (ms), so of two made at once the oldest wins
 
 
 def hash_tag(kind: str, path: str) -> str:

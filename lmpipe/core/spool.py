@@ -5,7 +5,8 @@ call it would have made as one JSON line to `<project>/.lmpipe/spool/<local run 
 (artifacts are copied beside it, into `<local run id>/`, so a later change to the file changes
 nothing). The first line says which run the rest belongs to: `start` (a run still to create)
 or `attach` (a run the store already has); then `params`, `tags`, `metrics` (key, value,
-timestamp in ms, step), `artifact`, `dict`, `input`, and `end` (status and end time).
+timestamp in ms, step), `artifact`, `dict`, `input`, and `end` (status and end time). A record
+with `"run": "pipeline"` is for the run's pipeline (parent) run (lmpipe.core.tracking sends it).
 
 `lmpipe.core.tracking.sync_spool` replays every complete spool once: a created run carries
 `lmpipe.spool_id`, so a replay cut short and repeated finds its run instead of making another,

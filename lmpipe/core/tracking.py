@@ -1,9 +1,10 @@
 """The one tracker: an MLflow run per stage execution, which never takes training down.
 
 Every stage opens `stage_run(...)`. The run carries:
-- tags: `lmpipe.core.stage`, `lmpipe.group` (DVC_EXP_NAME, else LMPIPE_RUN_GROUP, else `workspace`),
-  the git revision and dirty flag, `dvc.dep.<path>` / `dvc.out.<path>` holding the DVC md5 of
-  each input (at start) and output (at the end), so a run can be found from a `dvc.lock` hash;
+- tags: `lmpipe.stage`, `lmpipe.group` (DVC_EXP_NAME, else LMPIPE_RUN_GROUP, else `workspace`),
+  `lmpipe.kind=stage`, the git revision and dirty flag, `dvc.dep.<path>` / `dvc.out.<path>`
+  holding the DVC md5 of each input (at start) and output (at the end), so a run can be found from
+  a `dvc.lock` hash;
 - params: the flattened params sections the stage reads;
 - metrics: buffered and sent in batches (one `log_metric` costs ~30 ms against SQLite).
 It ends FINISHED on success, FAILED on an exception, KILLED on SIGTERM or Ctrl-C. A run also
@@ -14,6 +15,17 @@ store cannot be reached, at the start or mid-run, the stage warns once and goes 
 what it would have sent to `<project>/.lmpipe/spool/` (lmpipe.core.spool); the next stage that
 reaches the store, or `lmpipe sync`, sends it (`sync_spool`). Only rank 0 of a
 `torchrun` job logs; the other ranks get a tracker that does nothing.
+
+The stage runs of one pipeline run (one group) are nested under one parent run, as MLflow's UI
+shows them: the pipeline run, named after the group, tagged `lmpipe.kind=pipeline`, `lmpipe.group`,
+`lmpipe.project` (no owner tags: no stage owns it), starting 1 ms before its first stage. A
+stage's open finds it by those tags or makes it (two made at once: the first made wins, the other
+is deleted) and sets it RUNNING; each stage's end gives it that stage's status and end time (a
+replayed older stage does not move it back). `Tracker.log_to_pipeline` sends numbers to it as
+well, with the params the stage run logged: evaluate's headline makes it the pipeline's row in the
+UI's table. A spool replayed later nests its run under its group's parent, made then if need be;
+`nest_flat_runs` nests the runs of a store made before nesting existed. The experiment is tagged
+`mlflow.experimentKind=custom_model_development` (MLflow's "Machine learning" kind).
 
 Opening the run costs seconds (importing MLflow ~3 s, the store, the git state, the input hashes,
 the housekeeping), so it happens in a background thread while the stage already works: what the
@@ -44,12 +56,18 @@ from typing import Any
 from lmpipe.core import numerics
 from lmpipe.core.errors import Terminated
 from lmpipe.core.lineage import (
+    KIND_PIPELINE,
+    KIND_STAGE,
+    TAG_CREATED,
     TAG_GIT_DIRTY,
     TAG_GROUP,
+    TAG_HEADLINE_MODEL,
     TAG_KILLED_REASON,
+    TAG_KIND,
     TAG_OWNER_HOST,
     TAG_OWNER_PID,
     TAG_OWNER_START,
+    TAG_PARENT_RUN,
     TAG_PROJECT,
     TAG_SPOOL_ID,
     TAG_STAGE,
@@ -72,6 +90,11 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 FLUSH_EVERY = METRIC_CHUNK  # buffered metric values per batch request
 MAX_PARAM_LEN = 6000  # MLflow's param value limit
+# MLflow's experiment kind tag; "custom_model_development" is its "Machine learning" kind (the
+# training-runs table), "genai_development" its GenAI one (traces and the GenAI overview)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+PIPELINE = "pipeline"  # a record's "run" when it goes to the pipeline (parent) run
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -92,12 +115,17 @@ class Tracker:
 
     Every call becomes a record (lmpipe.core.spool) sent to the store; when a send fails, the
     tracker warns once and journals that record and the rest of the run to its spool (when it has
-    a project to keep one in), so an outage loses nothing; `lmpipe sync` sends it later.
+    a project to keep one in), so an outage loses nothing; `lmpipe sync` sends it later. A record
+    marked `"run": "pipeline"` goes to the run's pipeline (parent) run instead.
     """
 
-    def __init__(self, client: Any = None, run_id: str | None = None, spool: Spool | None = None) -> None:
+    def __init__(
+        self, client: Any = None, run_id: str | None = None, spool: Spool | None = None, parent_id: str | None = None
+    ) -> None:
         self._client = client
         self._run_id = run_id
+        self._parent_id = parent_id  # the pipeline run this run is nested under
+        self._params: dict[str, str] = {}  # what log_params sent, for log_to_pipeline
         self._buffer: list[list[Any]] = []
         self.spool = spool  # set: journaling (from the start, or after a failed send)
         self._spool_root: Path | None = None  # where to open a spool if the store fails mid-run
@@ -147,6 +175,7 @@ class Tracker:
     def _adopt(self, opened: Tracker) -> None:
         with self._lock:
             self._client, self._run_id, self.spool = opened._client, opened._run_id, opened.spool
+            self._parent_id = opened._parent_id
             self._spool_root = opened._spool_root
             pending, self._pending = self._pending or [], None
             for record in pending:
@@ -191,7 +220,7 @@ class Tracker:
     def _send(self, record: dict[str, Any]) -> None:
         if self._client is not None:
             try:
-                apply(self._client, self._run_id, record)
+                _deliver(self._client, self._run_id, self._parent_id, record)
                 return
             except Exception as exc:  # a tracker that is down never kills the stage
                 self._client = None
@@ -221,7 +250,26 @@ class Tracker:
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.recording and params:
-            self._emit({"op": "params", "params": {k: str(v)[:MAX_PARAM_LEN] for k, v in sorted(params.items())}})
+            values = {k: str(v)[:MAX_PARAM_LEN] for k, v in sorted(params.items())}
+            self._params.update(values)
+            self._emit({"op": "params", "params": values})
+
+    def log_to_pipeline(self, metrics: dict[str, float], tags: dict[str, Any] | None = None) -> None:
+        """Send `metrics` (and `tags`) to the pipeline run too, with every param this run logged.
+
+        What one pipeline run's row in the UI's table shows (evaluate: the headline). A param the
+        pipeline run already has with another value keeps its first value (MLflow params never change).
+        """
+        if not self.recording:
+            return
+        if self._params:
+            self._emit({"op": "params", "params": dict(self._params), "run": PIPELINE})
+        if tags:
+            self._emit({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}, "run": PIPELINE})
+        now = int(time.time() * 1000)
+        values = [[key, float(value), now, 0] for key, value in metrics.items()]
+        if values:
+            self._emit({"op": "metrics", "metrics": values, "run": PIPELINE})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Queue metrics; they are sent in batches (and always before the run ends)."""
@@ -324,8 +372,9 @@ def owner_alive(pid: int, start: str) -> bool:
 def close_orphans(client: Any, project: str) -> list[str]:
     """Close this project's RUNNING runs whose owner on this host is gone as KILLED; their ids.
 
-    Runs of other hosts, and runs without owner tags, are left alone: nothing here can tell
-    whether their process still lives.
+    Runs of other hosts, and runs without owner tags (pipeline runs among them), are left alone:
+    nothing here can tell whether their process still lives. The pipeline run of a closed run
+    ends KILLED with it (unless a later stage ended it since).
     """
     host = socket.gethostname()
     query = (
@@ -342,6 +391,8 @@ def close_orphans(client: Any, project: str) -> list[str]:
         reason = f"owner process {pid} on {host} ended without closing the run (found by pid {os.getpid()})"
         client.set_tag(run.info.run_id, TAG_KILLED_REASON, reason)
         client.set_terminated(run.info.run_id, "KILLED")
+        if tags.get(TAG_PARENT_RUN):
+            _end_pipeline(client, tags[TAG_PARENT_RUN], "KILLED", _now_ms())
         log.warning("closed orphaned MLflow run %s (%s) as KILLED: %s", run.info.run_id, run.info.run_name, reason)
         closed.append(run.info.run_id)
     return closed
@@ -365,10 +416,14 @@ def _open_run(stage: str, tags: dict[str, str], experiment: str, start_ms: int |
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         _housekeeping(client, uri, tags[TAG_PROJECT], root)
-        run = client.create_run(_experiment_id(client, experiment, uri), start_time=start_ms, tags=tags, run_name=stage)
+        exp_id = _experiment_id(client, experiment, uri)
+        parent = pipeline_run(client, exp_id, tags[TAG_GROUP], tags[TAG_PROJECT], start_ms)
+        client.update_run(parent, status="RUNNING")
+        nested = {**tags, TAG_PARENT_RUN: parent}
+        run = client.create_run(exp_id, start_time=start_ms, tags=nested, run_name=stage)
     except Exception as exc:
         return _offline(root, start, f"MLflow store {uri} failed ({exc})")
-    tracker = Tracker(client, run.info.run_id)
+    tracker = Tracker(client, run.info.run_id, parent_id=parent)
     tracker._spool_root = root
     return tracker
 
@@ -390,10 +445,12 @@ def _offline(root: Path, start: dict[str, Any], why: str) -> Tracker:
 
 
 def _experiment_id(client: Any, experiment: str, uri: str) -> str:
-    found = client.get_experiment_by_name(experiment)
+    """The id of `experiment`, created if need be, tagged as a training ("Machine learning") experiment."""
+    found = mark_training_experiment(client, experiment)  # one made by an older lmpipe, or by MLflow itself
     if found is not None:
-        return found.experiment_id
-    return client.create_experiment(experiment, artifact_location=_artifact_location(uri))
+        return found
+    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    return client.create_experiment(experiment, artifact_location=_artifact_location(uri), tags=tags)
 
 
 def _housekeeping(client: Any, uri: str, project: str, root: Path) -> None:
@@ -426,10 +483,10 @@ def sync_spool(client: Any, uri: str, root: str | os.PathLike) -> list[str]:
             continue
         files = path.with_suffix("")
         if records:
-            run_id = _spool_target(client, uri, records[0], path.stem)
+            run_id, parent = _spool_target(client, uri, records[0], path.stem)
             for record in records[1:]:
-                apply(client, run_id, record, files)
-            _close_replayed(client, run_id, records[-1] if ended else None)
+                _deliver(client, run_id, parent, record, files, replay=True)
+            _close_replayed(client, run_id, parent, records[-1] if ended else None)
             sent.append(run_id)
             log.info("sent spooled run %s (%s) to %s", run_id, path.name, uri)
         path.unlink()
@@ -437,26 +494,183 @@ def sync_spool(client: Any, uri: str, root: str | os.PathLike) -> list[str]:
     return sent
 
 
-def _spool_target(client: Any, uri: str, head: dict[str, Any], local_id: str) -> str:
-    """The run a spool's records go to: the attached one, the one an earlier replay made, or a new one."""
+def _spool_target(client: Any, uri: str, head: dict[str, Any], local_id: str) -> tuple[str, str | None]:
+    """The run a spool's records go to (the attached one, the one an earlier replay made, or a new one
+    nested under its group's pipeline run) and that pipeline run (None for a run made before nesting)."""
     if head["op"] == "attach":
-        return client.get_run(head["run_id"]).info.run_id
+        run = client.get_run(head["run_id"])
+        return run.info.run_id, run.data.tags.get(TAG_PARENT_RUN)
     exp_id = _experiment_id(client, head["experiment"], uri)
     query = f"tags.`{TAG_SPOOL_ID}` = '{local_id}'"
     found = client.search_runs([exp_id], filter_string=query, max_results=1)
     if found:
-        return found[0].info.run_id
+        return found[0].info.run_id, found[0].data.tags.get(TAG_PARENT_RUN)
     tags = {**head["tags"], TAG_SPOOL_ID: local_id}
-    return client.create_run(exp_id, start_time=head["start_time"], tags=tags, run_name=head["run_name"]).info.run_id
+    parent = None
+    if TAG_GROUP in tags and TAG_PROJECT in tags:
+        group, project = tags[TAG_GROUP], tags[TAG_PROJECT]
+        parent = tags[TAG_PARENT_RUN] = pipeline_run(client, exp_id, group, project, head["start_time"])
+    run = client.create_run(exp_id, start_time=head["start_time"], tags=tags, run_name=head["run_name"])
+    return run.info.run_id, parent
 
 
-def _close_replayed(client: Any, run_id: str, end: dict[str, Any] | None) -> None:
+def _close_replayed(client: Any, run_id: str, parent: str | None, end: dict[str, Any] | None) -> None:
     if end is None:
         reason = "its process ended while the store was unreachable, without closing the run (replayed from the spool)"
         client.set_tag(run_id, TAG_KILLED_REASON, reason)
         client.set_terminated(run_id, "KILLED")
+        if parent is not None:
+            _end_pipeline(client, parent, "KILLED", client.get_run(run_id).info.end_time)
     elif end["status"] != "KILLED" and TAG_KILLED_REASON in client.get_run(run_id).data.tags:
         client.delete_tag(run_id, TAG_KILLED_REASON)  # closed as an orphan meanwhile; the spool knows better
+
+
+# --------------------------------------------------------------------------- pipeline (parent) runs
+def pipeline_run(client: Any, experiment_id: str, group: str, project: str, first_start_ms: int) -> str:
+    """The id of the pipeline run of `group`: found by its tags, else made, starting 1 ms before
+    `first_start_ms` (its first stage's start: newest-first searches list the stage runs first).
+
+    Stages of one group run one after another, but two processes may still make it at once (a
+    replay and a stage, a second host): each then looks again and keeps the one made first (tag
+    `lmpipe.created`, then the id: the same choice for everyone); the other deletes its own.
+    """
+    found = _pipeline_runs(client, experiment_id, group, project)
+    if found:
+        return found[0].info.run_id
+    tags = {TAG_KIND: KIND_PIPELINE, TAG_GROUP: group, TAG_PROJECT: project, TAG_CREATED: str(_now_ms())}
+    mine = client.create_run(experiment_id, start_time=first_start_ms - 1, tags=tags, run_name=group).info.run_id
+    winner = next((r.info.run_id for r in _pipeline_runs(client, experiment_id, group, project)), mine)
+    if winner != mine:
+        client.delete_run(mine)
+        log.info("pipeline run of %s: another process made %s at the same time; deleted mine, %s", group, winner, mine)
+    return winner
+
+
+def _pipeline_runs(client: Any, experiment_id: str, group: str, project: str) -> list[Any]:
+    """The live pipeline runs of `group`, the one made first first."""
+    query = (
+        f"tags.`{TAG_KIND}` = '{KIND_PIPELINE}' and tags.`{TAG_GROUP}` = '{_quoted(group)}'"
+        f" and tags.`{TAG_PROJECT}` = '{_quoted(project)}'"
+    )
+    runs = client.search_runs([experiment_id], filter_string=query, max_results=100)
+    return sorted(runs, key=lambda r: (int(r.data.tags.get(TAG_CREATED) or 0), r.info.run_id))
+
+
+def _deliver(
+    client: Any,
+    run_id: str,
+    parent: str | None,
+    record: dict[str, Any],
+    files: Path | None = None,
+    replay: bool = False,
+) -> None:
+    """Send one record to the stage's run, or (`"run": "pipeline"`) to its pipeline run; a stage's end
+    also ends the pipeline run. Replayed, what the pipeline run refuses is a warning, not a stuck spool."""
+    to_pipeline = record.get("run") == PIPELINE
+    if not to_pipeline:
+        apply(client, run_id, record, files)
+    if parent is None or not (to_pipeline or record["op"] == "end"):
+        return
+    try:
+        if to_pipeline:
+            _to_pipeline(client, parent, record, files)
+        else:
+            _end_pipeline(client, parent, record["status"], record.get("end_time"))
+    except Exception as exc:
+        if not replay:
+            raise
+        warnings.warn(f"MLflow: pipeline run {parent} refused a replayed {record['op']} record ({exc}); skipped")
+
+
+def _to_pipeline(client: Any, parent: str, record: dict[str, Any], files: Path | None = None) -> None:
+    """Send a record to a pipeline run; params it already has keep their value (MLflow's params never change)."""
+    if record["op"] == "params":
+        have = client.get_run(parent).data.params
+        changed = sorted(k for k, v in record["params"].items() if k in have and have[k] != v)
+        if changed:
+            log.warning(
+                "pipeline run %s keeps its first value of %d param(s) that changed since, e.g. %s"
+                " (a new group gives a new pipeline run: LMPIPE_RUN_GROUP, `make repro`, `dvc exp run`)",
+                parent,
+                len(changed),
+                changed[0],
+            )
+        record = {**record, "params": {k: v for k, v in record["params"].items() if k not in have}}
+        if not record["params"]:
+            return
+    apply(client, parent, record, files)
+
+
+def _end_pipeline(client: Any, parent: str, status: str, end_time: int | None) -> None:
+    """A stage ended: its pipeline run takes that status and end time, unless a later stage ended it since."""
+    info = client.get_run(parent).info
+    if end_time is not None and info.end_time and info.end_time > end_time:
+        return  # a replayed older stage
+    client.set_terminated(parent, status, end_time=end_time)
+
+
+def nest_flat_runs(client: Any, experiment_id: str) -> dict[str, str]:
+    """Nest the stage runs of a store made before nesting existed under their groups' pipeline runs.
+
+    Each group's pipeline run (found or made, starting with its first stage) takes the status and
+    end time of its last stage, unless one still runs, and the params, headline metrics and model of
+    its latest finished evaluate run. Runs already nested are left alone. {group: pipeline run id}
+    of the groups it nested runs of.
+    """
+    nested = {}
+    for (project, group), runs in flat_runs(client, experiment_id).items():
+        parent = pipeline_run(client, experiment_id, group, project, min(r.info.start_time for r in runs))
+        for run in runs:
+            client.set_tag(run.info.run_id, TAG_PARENT_RUN, parent)
+        evaluate = [
+            r for r in runs if r.data.tags[TAG_STAGE] == "evaluate" and r.info.status == "FINISHED" and r.data.metrics
+        ]
+        if evaluate:
+            latest = max(evaluate, key=lambda r: r.info.end_time or 0)
+            headline = {k: v for k, v in latest.data.metrics.items() if k.startswith("headline.")}
+            _to_pipeline(client, parent, {"op": "params", "params": dict(latest.data.params)})
+            if TAG_HEADLINE_MODEL in latest.data.tags:
+                client.set_tag(parent, TAG_HEADLINE_MODEL, latest.data.tags[TAG_HEADLINE_MODEL])
+            stamp = latest.info.end_time or _now_ms()
+            _to_pipeline(client, parent, {"op": "metrics", "metrics": [[k, v, stamp, 0] for k, v in headline.items()]})
+        if any(r.info.status == "RUNNING" for r in runs):
+            client.update_run(parent, status="RUNNING")
+        else:
+            last = max(runs, key=lambda r: r.info.end_time or 0)
+            _end_pipeline(client, parent, last.info.status, last.info.end_time)
+        nested[group] = parent
+    return nested
+
+
+def flat_runs(client: Any, experiment_id: str) -> dict[tuple[str, str], list[Any]]:
+    """The stage runs nested under no pipeline run, by (project, group)."""
+    flat: dict[tuple[str, str], list[Any]] = {}
+    for run in _all_runs(client, experiment_id):
+        tags = run.data.tags
+        if TAG_STAGE in tags and TAG_GROUP in tags and TAG_PARENT_RUN not in tags:
+            flat.setdefault((tags.get(TAG_PROJECT, ""), tags[TAG_GROUP]), []).append(run)
+    return flat
+
+
+def _all_runs(client: Any, experiment_id: str) -> Iterator[Any]:
+    """Every live run of the experiment, page by page."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def mark_training_experiment(client: Any, experiment: str) -> str | None:
+    """Tag `experiment` as a training ("Machine learning") experiment if it is not; its id, or None if absent."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
 
 
 def _resources(started: float, startup: float | None = None) -> dict[str, float]:
@@ -494,6 +708,7 @@ def _start_tags(stage: str, inputs: tuple[str, ...], extra_tags: dict[str, str] 
         TAG_STAGE: stage,
         TAG_GROUP: run_group(),
         TAG_PROJECT: project_root().name,
+        TAG_KIND: KIND_STAGE,
         "mlflow.source.name": f"stages/{stage.split('@')[0]}",
         TAG_GIT_DIRTY: str(git["dirty"]),
         **owner_tags(),

@@ -38,7 +38,8 @@ def runs_by_stage(path):
     runs = client.search_runs([exp.experiment_id], max_results=500)
     by_stage: dict[str, list] = {}
     for r in runs:
-        by_stage.setdefault(r.data.tags["lmpipe.stage"], []).append(r)
+        if "lmpipe.stage" in r.data.tags:  # a stage run, not a pipeline (parent) run
+            by_stage.setdefault(r.data.tags["lmpipe.stage"], []).append(r)
     return by_stage
 
 
@@ -82,6 +83,31 @@ def test_every_stage_logged_one_finished_run_with_hash_tags(pipeline):
     evaluate = by_stage["evaluate"][0]
     assert "finetune.backbones.minilm.lr" in evaluate.data.params  # every upstream param
     assert "pretrain.optim.lr" in evaluate.data.params
+
+
+def test_the_stage_runs_of_the_repro_nest_under_one_pipeline_run_with_the_headline(pipeline):
+    path = pipeline["path"]
+    client = MlflowClient(f"sqlite:///{path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lmpipe")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs table
+    query = "tags.`lmpipe.kind` = 'pipeline' and tags.`lmpipe.group` = 'integration'"
+    [parent] = client.search_runs([exp.experiment_id], query)  # one, whatever later tests rerun in the group
+    assert parent.info.run_name == "integration"
+    by_stage = runs_by_stage(path)
+    first = {stage: min(runs, key=lambda r: r.info.start_time) for stage, runs in by_stage.items()}
+    assert set(first) == STAGES  # the session's first repro: one run per stage, before later tests add any
+    for stage, found in first.items():
+        assert found.data.tags["mlflow.parentRunId"] == parent.info.run_id, stage
+        assert found.data.tags["lmpipe.kind"] == "stage"
+    evaluate = first["evaluate"]
+    headline = {k: v for k, v in evaluate.data.metrics.items() if k.startswith("headline.")}
+    assert set(headline) == {f"headline.{k}" for k in ("acc", "acc_lo", "acc_hi", "f1", "tfidf_acc", "gain")}
+    assert {k: parent.data.metrics[k] for k in headline} == headline
+    assert parent.data.params["finetune.backbones.minilm.lr"] == evaluate.data.params["finetune.backbones.minilm.lr"]
+    assert parent.data.tags["lmpipe.headline.model"] == evaluate.data.tags["lmpipe.headline.model"]
+    assert parent.info.status == "FINISHED"
+    assert parent.info.start_time < min(r.info.start_time for r in first.values())
+    assert parent.info.end_time >= max(r.info.end_time for r in first.values())
 
 
 def test_dvc_metrics_show_is_a_compact_headline_that_fits_a_terminal(pipeline):

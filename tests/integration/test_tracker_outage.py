@@ -3,7 +3,8 @@
 A real `mlflow server` (SQLite backend, proxied artifacts) on 127.0.0.1 takes the first metrics of a
 stage run, is SIGKILLed, and the run goes on: its later metrics, an artifact and its end are
 journaled to `.lmpipe/spool`. The server is restarted on the same store; `lmpipe sync` completes the
-run, and a second sync changes nothing. The server is always stopped, its whole process group.
+run, and a second sync changes nothing; the run stays nested under its pipeline run, which ends with
+it. The server is always stopped, its whole process group.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def test_server_killed_mid_run_then_restarted_gets_every_metric_once(tmp_path, m
         assert lmpipe(["sync"]) == 0 and "sent 1 spooled run(s)" in capsys.readouterr().out
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
+        parent = client.get_run(run.data.tags["mlflow.parentRunId"])  # the pipeline run made at the stage's open
+        assert parent.data.tags["lmpipe.kind"] == "pipeline" and parent.info.status == "FINISHED"
+        assert parent.info.end_time == run.info.end_time  # the replayed end reached it too
         history = client.get_metric_history(run_id, "loss")
         assert sorted((m.step, m.value) for m in history) == [(s, float(10 - s)) for s in range(6)]
         assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/notes.txt"]
@@ -107,6 +111,6 @@ def test_server_killed_mid_run_then_restarted_gets_every_metric_once(tmp_path, m
 
         assert lmpipe(["sync"]) == 0 and "nothing to sync" in capsys.readouterr().out
         assert len(client.get_metric_history(run_id, "loss")) == 6
-        assert len(client.search_runs([run.info.experiment_id])) == 1
+        assert len(client.search_runs([run.info.experiment_id])) == 2  # the stage run and its pipeline run
     finally:
         stop(server)

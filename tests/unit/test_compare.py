@@ -85,3 +85,26 @@ def test_the_command_prints_json_and_names_an_unknown_experiment(store, tracking
     assert [r["group"] for r in rows] == ["lr3e-4"] and rows[0]["params"] == {"finetune.backbones.scratch.lr": "0.0003"}
     assert main(["compare", "--experiment", "nope"]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_pipeline_runs_carrying_the_headline_are_no_rows(tracking_uri, project_root, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from lmpipe.core.params import load_params
+    from lmpipe.core.tracking import stage_run
+
+    monkeypatch.chdir(tmp_path)
+    params = load_params(project_root / "params.yaml")
+    for group, acc in (("repro-1", 0.83), ("repro-2", 0.85)):
+        monkeypatch.setenv("LMPIPE_RUN_GROUP", group)
+        headline = {"headline.acc": acc, "headline.f1": acc}
+        with stage_run("evaluate", params, sections=("*",)) as t:
+            t.log_metrics(headline)
+            t.log_to_pipeline(headline, tags={TAG_HEADLINE_MODEL: "scratch"})
+            evaluate_id = t.run_id
+    client = MlflowClient(tracking_uri)
+    rows = collect(client, "lmpipe")
+    assert [r.group for r in rows] == ["repro-2", "repro-1"]
+    assert rows[0].run_id == evaluate_id and rows[0].numbers["acc"] == 0.85
+    kinds = {client.get_run(r.run_id).data.tags["lmpipe.kind"] for r in rows}
+    assert kinds == {"stage"}  # the pipeline (parent) runs have the same numbers, but are not rows

@@ -314,7 +314,8 @@ def test_stage_writes_tokenizer_tokens_and_metrics(project, tracking_uri):
 
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=["lmpipe"], output_format="list")
+    stages = "tags.`lmpipe.kind` = 'stage'"  # the group's parent run is the other one
+    runs = mlflow.search_runs(experiment_names=["lmpipe"], filter_string=stages, output_format="list")
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert runs[0].data.metrics["train_tokens"] == metrics["train_tokens"]
     assert runs[0].data.params["tokenize.vocab_size"] == str(VOCAB)

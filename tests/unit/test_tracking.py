@@ -1,4 +1,4 @@
-"""The tracker: right status on every ending, hashes as tags, never fatal."""
+"""The tracker: right status on every ending, hashes as tags, never fatal; stage runs nested per pipeline run."""
 
 from __future__ import annotations
 
@@ -22,10 +22,18 @@ def params(project_root):
     return load_params(project_root / "params.yaml")
 
 
+def _stage_runs(client, experiment="lmpipe"):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.`lmpipe.kind` = 'stage'")
+
+
+def _pipeline_runs(client, experiment="lmpipe"):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.`lmpipe.kind` = 'pipeline'")
+
+
 def _only_run(uri):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("lmpipe")
-    runs = client.search_runs([exp.experiment_id])
+    runs = _stage_runs(MlflowClient(uri))
     assert len(runs) == 1
     return runs[0]
 
@@ -221,7 +229,7 @@ def test_a_spool_replay_cut_short_and_repeated_makes_no_second_run(params, tmp_p
     with stage_run("evaluate", params):  # the next stage that reaches the store replays it
         pass
     assert _spooled(tmp_path) == []
-    runs = client.search_runs([client.get_experiment_by_name("lmpipe").experiment_id])
+    runs = _stage_runs(client)
     assert sorted(r.data.tags["lmpipe.stage"] for r in runs) == ["baseline", "evaluate"]
     assert [r.info.run_id for r in runs if r.data.tags["lmpipe.stage"] == "baseline"] == first
 
@@ -282,3 +290,165 @@ def test_only_a_stage_that_creates_the_local_store_waits_for_its_run(tmp_path):
     db.write_bytes(b"")
     assert not _creates_store(f"sqlite:///{db}")
     assert not _creates_store("http://127.0.0.1:5000")
+
+
+def _parent(run):
+    return run.data.tags["mlflow.parentRunId"]
+
+
+def test_stage_runs_of_one_group_nest_under_one_pipeline_run_and_two_groups_get_two(
+    tracking_uri, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LMPIPE_RUN_GROUP", "repro-a")
+    for stage in ("preprocess", "tokenize", "pretrain"):
+        with stage_run(stage):
+            pass
+    monkeypatch.setenv("LMPIPE_RUN_GROUP", "repro-b")
+    with stage_run("preprocess"):
+        pass
+    client = MlflowClient(tracking_uri)
+    parents = {r.data.tags["lmpipe.group"]: r for r in _pipeline_runs(client)}
+    assert sorted(parents) == ["repro-a", "repro-b"] and len(_pipeline_runs(client)) == 2
+    stages = _stage_runs(client)
+    assert len(stages) == 4
+    for run in stages:
+        assert _parent(run) == parents[run.data.tags["lmpipe.group"]].info.run_id
+    a = parents["repro-a"]
+    mine = [r for r in stages if r.data.tags["lmpipe.group"] == "repro-a"]
+    assert a.info.run_name == "repro-a" and a.info.status == "FINISHED"
+    assert a.info.end_time == max(r.info.end_time for r in mine)  # the last stage's end
+    assert a.info.start_time < min(r.info.start_time for r in mine)  # newest-first lists put stages first
+    assert not any(k.startswith("lmpipe.owner.") for k in a.data.tags)  # no process owns it
+    exp = client.get_experiment_by_name("lmpipe")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training-runs kind
+
+
+def test_a_failed_stage_marks_the_pipeline_run_failed_and_the_next_stage_runs_it_again(
+    tracking_uri, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    client = MlflowClient(tracking_uri)
+    with stage_run("preprocess"):
+        pass
+    with pytest.raises(ValueError):
+        with stage_run("tokenize"):
+            raise ValueError("bad row")
+    [parent] = _pipeline_runs(client)
+    failed = next(r for r in _stage_runs(client) if r.data.tags["lmpipe.stage"] == "tokenize")
+    assert parent.info.status == "FAILED" and parent.info.end_time == failed.info.end_time
+    with stage_run("tokenize") as t:
+        t.wait_open()
+        assert client.get_run(parent.info.run_id).info.status == "RUNNING"
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_headline_and_params_reach_the_pipeline_run_and_a_changed_param_keeps_its_first_value(
+    tracking_uri, params, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    headline = {"headline.acc": 0.84, "headline.gain": 0.02}
+    with stage_run("evaluate", params, sections=("*",)) as t:
+        t.log_metrics(headline)
+        t.log_to_pipeline(headline, tags={"lmpipe.headline.model": "scratch"})
+    client = MlflowClient(tracking_uri)
+    [parent] = _pipeline_runs(client)
+    evaluate = _only_run(tracking_uri)
+    assert parent.data.metrics == headline
+    assert parent.data.params == evaluate.data.params and "finetune.backbones.minilm.lr" in parent.data.params
+    assert parent.data.tags["lmpipe.headline.model"] == "scratch"
+
+    changed = params.model_copy(update={"base": params.base.model_copy(update={"seed": 7})})
+    with stage_run("evaluate", changed, sections=("*",)) as t:  # same group (workspace), another seed
+        t.log_to_pipeline({"headline.acc": 0.9})
+    parent = client.get_run(parent.info.run_id)
+    assert parent.data.params["base.seed"] == str(params.base.seed)  # MLflow params never change
+    assert parent.data.metrics["headline.acc"] == 0.9 and parent.info.status == "FINISHED"
+    assert "keeps its first value of 1 param(s)" in caplog.text
+    assert all(r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags for r in _stage_runs(client))
+
+
+def test_a_spooled_run_replays_nested_under_its_groups_pipeline_run(params, tmp_path, monkeypatch):
+    from lmpipe.core.tracking import sync_spool
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LMPIPE_RUN_GROUP", "repro-offline")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens
+    with pytest.warns(UserWarning, match="journaled"):
+        with stage_run("evaluate", params, sections=("evaluate",)) as t:
+            t.log_to_pipeline({"headline.acc": 0.8})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    [replayed] = sync_spool(client, uri, tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with stage_run("export"):  # a live stage of the same group afterwards
+        pass
+    [parent] = _pipeline_runs(client)
+    assert parent.data.tags["lmpipe.group"] == "repro-offline"
+    assert {_parent(r) for r in _stage_runs(client)} == {parent.info.run_id}
+    assert parent.data.metrics == {"headline.acc": 0.8} and parent.data.params["evaluate.bootstrap_samples"]
+    assert parent.info.start_time < client.get_run(replayed).info.start_time
+    assert parent.info.status == "FINISHED"
+
+
+def test_close_orphans_ends_the_pipeline_run_of_a_dead_stage_and_leaves_pipeline_runs_alone(tracking_uri):
+    from lmpipe.core.tracking import close_orphans, owner_tags, pipeline_run
+
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("lmpipe")
+    project = {"lmpipe.project": "proj"}
+    dead = pipeline_run(client, exp, "dead", "proj", 1000)
+    live = pipeline_run(client, exp, "live", "proj", 1000)
+    for parent in (dead, live):
+        client.update_run(parent, status="RUNNING")
+    gone = {**owner_tags(), "lmpipe.owner.start": "1"}  # this pid, another start time: its owner is gone
+    orphan = client.create_run(exp, tags={**project, **gone, "mlflow.parentRunId": dead}).info.run_id
+    client.create_run(exp, tags={**project, **owner_tags(), "mlflow.parentRunId": live})
+    assert close_orphans(client, "proj") == [orphan]
+    assert client.get_run(dead).info.status == "KILLED"
+    assert client.get_run(live).info.status == "RUNNING"
+
+
+def test_two_processes_making_a_groups_pipeline_run_at_once_keep_the_first_made(tracking_uri, monkeypatch):
+    from lmpipe.core import tracking
+
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("lmpipe")
+    tags = {"lmpipe.kind": "pipeline", "lmpipe.group": "g", "lmpipe.project": "proj", "lmpipe.created": "1"}
+    first = client.create_run(exp, tags=tags, run_name="g").info.run_id  # the other process's, made just before
+    real, looks = tracking._pipeline_runs, []
+
+    def late_look(*args):  # the first look came before the other process's run existed
+        looks.append(args)
+        return [] if len(looks) == 1 else real(*args)
+
+    monkeypatch.setattr(tracking, "_pipeline_runs", late_look)
+    assert tracking.pipeline_run(client, exp, "g", "proj", 5000) == first
+    assert [r.info.run_id for r in _pipeline_runs(client)] == [first]  # ours was deleted
+    assert len(client.search_runs([exp], run_view_type=2)) == 1  # ViewType.DELETED_ONLY
+
+
+def test_nest_flat_runs_nests_an_old_stores_groups_once(tracking_uri):
+    from lmpipe.core.tracking import nest_flat_runs
+
+    client = MlflowClient(tracking_uri)
+    exp = client.create_experiment("lmpipe")
+    made = {}
+    for group, acc in (("old-1", 0.8), ("old-2", 0.85)):
+        for stage in ("preprocess", "evaluate"):
+            tags = {"lmpipe.stage": stage, "lmpipe.group": group, "lmpipe.project": "proj"}
+            run = client.create_run(exp, tags=tags, start_time=1000).info.run_id
+            if stage == "evaluate":
+                client.log_param(run, "base.seed", "42")
+                client.log_metric(run, "headline.acc", acc)
+                client.log_metric(run, "eval_seconds", 3.0)
+            client.set_terminated(run, "FINISHED", end_time=2000 if stage == "preprocess" else 3000)
+            made[run] = group
+    nested = nest_flat_runs(client, exp)
+    assert sorted(nested) == ["old-1", "old-2"]
+    for run, group in made.items():
+        assert _parent(client.get_run(run)) == nested[group]
+    parent = client.get_run(nested["old-2"])
+    assert parent.data.metrics == {"headline.acc": 0.85} and parent.data.params == {"base.seed": "42"}
+    assert (parent.info.status, parent.info.start_time, parent.info.end_time) == ("FINISHED", 999, 3000)
+    assert nest_flat_runs(client, exp) == {} and len(_pipeline_runs(client)) == 2
