@@ -1,4 +1,4 @@
-"""`lmpipe`: the user's command line (params check, audit, predict, compare, sync).
+"""`lmpipe`: the user's command line (params check, audit, predict, serve, monitor, compare, sync).
 
 Heavy packages are imported inside the commands, so `lmpipe --help` answers at once.
 """
@@ -14,6 +14,8 @@ from pathlib import Path
 from lmpipe.audit.audit import audit_target, format_report
 from lmpipe.cli.compare import add_compare_parser
 from lmpipe.cli.predict import add_predict_parser
+from lmpipe.cli.serve import add_serve_parser
+from lmpipe.cli.ui import add_ui_url_parser
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import load_yaml, user_error
 from lmpipe.core.project import default_tracking_uri
@@ -136,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync.set_defaults(func=_sync)
 
     add_predict_parser(commands)
+    add_serve_parser(commands)
     add_compare_parser(commands)
+    add_ui_url_parser(commands)
     return parser
 
 

@@ -43,19 +43,20 @@ def post(url: str, payload: dict) -> dict:
         return json.loads(response.read())
 
 
-def wait_for_ping(url: str, server: subprocess.Popen, log: Path) -> None:
+def wait_for_ping(url: str, server: subprocess.Popen, log: Path, path: str = "/ping") -> None:
+    """Until GET url+path answers 200 (a server that exits, or stays silent too long, fails the test)."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"{server.args[0]} exited with {server.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            with urllib.request.urlopen(url + "/ping", timeout=5) as response:
+            with urllib.request.urlopen(url + path, timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(1)
-    pytest.fail(f"no /ping answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"no {path} answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
 def stop(server: subprocess.Popen) -> None:
