@@ -214,7 +214,6 @@ def main(
         config = json.loads(args.config) if args.config else default_config(args.quick)
         result = run_side(args.side, config)
         result.setdefault("peak_rss_mb", peak_rss_mb())
-        text = json.dumps(result, indent=1, sort_keys=True)
     else:
         config = default_config(args.quick)
         config["quick"] = args.quick
@@ -224,9 +223,14 @@ def main(
         result.update(
             load_at_start=load, seconds=round(time.perf_counter() - started, 1), repeats=args.repeats, config=config
         )
-        text = json.dumps(result, indent=1, sort_keys=True)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
+    return 0
+
+
+def emit(result: dict[str, Any], out: str | None) -> None:
+    """The JSON result to `out`, or to stdout without one."""
+    text = json.dumps(result, indent=1, sort_keys=True)
+    if out:
+        Path(out).write_text(text + "\n")
     else:
         print(text)
-    return 0

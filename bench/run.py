@@ -35,6 +35,7 @@ BENCHMARKS = (
     "inference",
     "startup",
     "memory",
+    "serve_load",  # real HTTP servers: lmpipe serve vs mlflow models serve, then a 3-minute soak
 )
 OUT_DIR = Path(__file__).resolve().parent
 
