@@ -1,0 +1,1 @@
+"""`lmpipe serve`: the exported model over HTTP (app), micro-batching, limits and token, metrics, the engine."""
