@@ -54,7 +54,7 @@ ui: setup
 # models/export over HTTP on 127.0.0.1:8000 (token: LMPIPE_SERVE_TOKEN; flags: SERVE_ARGS); README "Serve it"
 SERVE_ARGS ?=
 serve: setup
-	$(BIN)/lmpipe serve $(SERVE_ARGS)
+	$(BIN)/lmpipe serve --host 127.0.0.1 $(SERVE_ARGS)
 
 # the registered model through MLflow's own server (no token, no limits, no batching), for comparison
 serve-mlflow: setup

@@ -2,8 +2,8 @@
 
 Reads: models/finetuned/<name>/ (export.model, or `best` by export.selection_metric in
 reports/finetune/<name>/metrics.json, validation only), data/processed/ (test split for the
-parity check, train split for the drift reference, labels.json), reports/evaluate/metrics.json (test metrics for the card, if
-present) and dvc.lock (the lineage of every upstream stage).
+parity check, train split for the drift reference, labels.json), reports/evaluate/metrics.json
+(test metrics for the card, if present) and dvc.lock (the lineage of every upstream stage).
 Writes: models/export/ as one folder swapped in whole: hf/ (transformers folder), onnx/model.onnx
 (+ onnx/model.int8.onnx), drift.json (the train split's input statistics that `lmpipe serve`
 watches for drift), README.md (model card), lineage.json; reports/export/metrics.json

@@ -47,6 +47,6 @@ def test_no_remote_code_is_ever_trusted():
 
 def test_ui_and_serving_listen_on_localhost_unless_asked():
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    for target in ("ui", "serve"):
+    for target in ("ui", "serve", "serve-mlflow"):
         body = re.search(rf"^{target}:.*\n((?:\t.*\n?)+)", makefile, re.M).group(1)
         assert "--host 127.0.0.1" in body, target
