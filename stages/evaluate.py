@@ -1,6 +1,6 @@
 """Stage `evaluate`: every model on the held-out test split, one comparison table.
 
-Reads:  data/processed/{test.parquet,labels.json}, models/baseline, models/finetuned/<name>/
+Reads:  data/processed/{test.parquet,labels.json} (train.parquet: few-shot examples), models/baseline, models/finetuned/<name>/
         (every fine-tuned folder), models/pretrained, reports/pretrain/*.csv and
         reports/finetune/<name>/*.csv (training curves, plotted when present); params: all.
 Writes: reports/evaluate/ as one folder swapped in whole: headline.json (the DVC metrics: the
@@ -20,7 +20,9 @@ Features:
 - ensembles (evaluate.ensembles): the mean of temperature-calibrated member probabilities
   (temperatures fit on the val split), each its own row with CIs, McNemar against the baseline
   and against its best member; members are checked against the models found before any work;
-- the pretrained encoder's masked-LM perplexity on the test text (seeded masking);
+- the pretrained encoder's masked-LM perplexity on the test text (seeded masking); or, for a causal
+  LM (pretrain.objective: clm), its next-token perplexity and zero-/few-shot prompted rows
+  (`clm_zero_shot`, `clm_few_shot`: evaluate.prompting, few-shot examples from the train split);
 - deterministic outputs (seeded, sorted keys, fixed float formats, metadata-free PNGs);
 - an MLflow run carrying every pipeline param, the flattened headline metrics, the plots and
   the table as artifacts, and `upstream.<stage>.run_id` tags linking the runs that made its
@@ -40,6 +42,7 @@ from lmpipe.core.stage import run, setup_torch
 from lmpipe.core.tracking import stage_run
 from lmpipe.evaluate import ensembles, evaluation
 from lmpipe.task.selection import select_model
+from lmpipe.task.splits import load_split
 
 PROCESSED = Path("data/processed")
 BASELINE = Path("models/baseline")
@@ -66,7 +69,13 @@ def main() -> dict:
     outputs = (*(str(OUT / name) for name in OUTPUTS), str(ENSEMBLES))
     with stage_run("evaluate", params, sections=("*",), inputs=tuple(inputs), outputs=outputs) as tracker:
         result = evaluation.evaluate(
-            test, models, pretrained=PRETRAINED, settings=params.evaluate, seed=params.base.seed, device=device
+            test,
+            models,
+            pretrained=PRETRAINED,
+            settings=params.evaluate,
+            seed=params.base.seed,
+            device=device,
+            shot_pool=lambda: load_split(PROCESSED, "train", n_labels=len(test.label_names)),  # few-shot examples
         )
         files = {}
         if params.evaluate.ensembles:  # temperatures fit on the val split, scored on the test split

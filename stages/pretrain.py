@@ -1,7 +1,8 @@
-"""Stage `pretrain`: train a small encoder from scratch with masked-LM.
+"""Stage `pretrain`: train a small model from scratch, a masked-LM encoder or a causal-LM decoder.
 
 Reads `data/tokens/` (train.bin, val.bin, meta.json) and `models/tokenizer/`. Writes
-`models/pretrained/` (a <Family>ForMaskedLM folder, safetensors, tokenizer files beside it),
+`models/pretrained/` (a <Family>ForMaskedLM or, under `pretrain.objective: clm`, a
+LlamaForCausalLM folder, safetensors, tokenizer files beside it),
 `checkpoints/pretrain/` (the resume point), `reports/pretrain/metrics.json`,
 `train_curve.csv` and `eval_curve.csv`.
 
@@ -17,7 +18,10 @@ Features:
   against a unigram reference on exactly those targets (`perplexity_vs_unigram` < 1 means the
   encoder uses context), and a collapse monitor (`pooled_spread`; below
   `pretrain.collapse_spread` the run warns and is tagged `lmpipe.collapsed=true`);
-- tokens/s and MFU (peak from base.peak_flops or a matmul probe).
+- tokens/s and MFU (peak from base.peak_flops or a matmul probe);
+- `pretrain.objective: clm` (family llama): [CLS]-led windows, next-token loss, held-out
+  perplexity against unigram and bigram references on the same targets, generated samples of a
+  few fixed prompts logged to MLflow at each evaluation (lmpipe.pretrain.pretraining).
 """
 
 from __future__ import annotations
@@ -61,12 +65,13 @@ def main() -> dict:
         if not done.is_main:
             return {}
         with atomic_dir(OUT) as tmp:
-            models.save_mlm(done.mlm, TOKENIZER, tmp)
+            models.save_mlm(done.model, TOKENIZER, tmp)  # any HF model: safetensors + the tokenizer files
         training.finish_checkpoint(CHECKPOINTS, done.metrics["steps"])
         write_stage_reports("pretrain", REPORTS, done.metrics)
         write_json(REPORTS / HEADLINE_FILE, pretraining.headline(done.metrics))
-        collapsed = models.collapsed(done.metrics, params.pretrain.collapse_spread)
-        tracker.set_tags({TAG_COLLAPSED: str(collapsed).lower()})
+        if params.pretrain.objective == "mlm":  # pooled_spread watches an encoder's vectors
+            collapsed = models.collapsed(done.metrics, params.pretrain.collapse_spread)
+            tracker.set_tags({TAG_COLLAPSED: str(collapsed).lower()})
         tracker.log_metrics({k: v for k, v in done.metrics.items() if isinstance(v, (int, float))})
         tracker.log_artifact(OUT / "config.json")
     return done.metrics

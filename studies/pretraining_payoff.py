@@ -128,7 +128,7 @@ def run_study(
                 done = pretraining.run_pretrain(bp, tokens_dir=TOKENS, tokenizer_dir=TOKENIZER, device=device)
                 minutes = (time.perf_counter() - started) / 60
                 source = Path(tmp) / f"encoder-{seed}-{budget}"
-                models.save_mlm(done.mlm.to("cpu"), TOKENIZER, source)
+                models.save_mlm(done.model.to("cpu"), TOKENIZER, source)
                 log.info(
                     "budget %gx: %d steps, %.1f min, perplexity %.1f (%.3fx unigram)",
                     budget,

@@ -1,4 +1,4 @@
-"""`lmpipe`: the user's command line (params check, audit, predict, serve, monitor, compare, sync).
+"""`lmpipe`: the user's command line (params check, audit, predict, serve, monitor, generate, compare, sync).
 
 Heavy packages are imported inside the commands, so `lmpipe --help` answers at once.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmpipe.audit.audit import audit_target, format_report
 from lmpipe.cli.compare import add_compare_parser
+from lmpipe.cli.generate import add_generate_parser
 from lmpipe.cli.predict import add_predict_parser
 from lmpipe.cli.serve import add_serve_parser
 from lmpipe.cli.ui import add_ui_url_parser
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_predict_parser(commands)
     add_serve_parser(commands)
+    add_generate_parser(commands)
     add_compare_parser(commands)
     add_ui_url_parser(commands)
     return parser

@@ -145,12 +145,18 @@ class TokenizeParams(Schema):
 
 
 # --------------------------------------------------------------------------- training (shared)
+ENCODER_FAMILIES = ("bert", "roformer", "modernbert")  # pretrain.objective: mlm
+DECODER_FAMILIES = ("llama",)  # pretrain.objective: clm
+
+
 class Architecture(Schema):
-    family: Literal["bert", "roformer", "modernbert"] = "modernbert"
-    """Encoder family (a stock transformers class, loaded with the Auto classes): `bert` = learned
-    absolute positions, post-LN; `roformer` = rotary positions, post-LN; `modernbert` = rotary,
-    pre-LN, GeGLU feed-forward, no biases, classifies by mean pooling. Rotary positions are what
-    lets a small CPU budget learn context (README, "What pretraining learns")."""
+    family: Literal["bert", "roformer", "modernbert", "llama"] = "modernbert"
+    """Model family (a stock transformers class, loaded with the Auto classes). Encoders, for
+    `objective: mlm`: `bert` = learned absolute positions, post-LN; `roformer` = rotary positions,
+    post-LN; `modernbert` = rotary, pre-LN, GeGLU feed-forward, no biases, classifies by mean
+    pooling. Rotary positions are what lets a small CPU budget learn context (README, "What
+    pretraining learns"). Decoder, for `objective: clm`: `llama` = causal attention, rotary,
+    RMSNorm, SwiGLU feed-forward, tied embeddings; classifies from its last token."""
     num_layers: int = Field(2, ge=1)
     """Transformer encoder layers."""
     hidden_size: int = Field(128, ge=8)
@@ -208,8 +214,12 @@ class Loop(Schema):
 
 
 class PretrainParams(Schema):
+    objective: Literal["mlm", "clm"] = "mlm"
+    """`mlm` = masked-LM encoder (BERT's objective; model.family an encoder); `clm` = causal LM,
+    next-token prediction (GPT's objective; model.family `llama`). Under clm the mask_* params are
+    unused and the held-out figures are next-token perplexity against unigram and bigram references."""
     model: Architecture = Architecture()
-    """Encoder shape; the vocabulary comes from the tokenizer."""
+    """Model shape; the vocabulary comes from the tokenizer."""
     mask_prob: float = Field(0.15, gt=0, lt=1)
     """Share of tokens selected for prediction (BERT: 15%)."""
     mask_replace: float = Field(0.8, ge=0, le=1)
@@ -230,6 +240,19 @@ class PretrainParams(Schema):
     def _replace_shares(self) -> "PretrainParams":
         if self.mask_replace + self.random_replace > 1:
             raise ValueError("mask_replace + random_replace must be <= 1")
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_family(self) -> "PretrainParams":
+        family = self.model.family
+        if self.objective == "clm" and family not in DECODER_FAMILIES:
+            raise ValueError(
+                f"objective: clm needs a decoder, model.family one of {list(DECODER_FAMILIES)} (got {family!r})"
+            )
+        if self.objective == "mlm" and family not in ENCODER_FAMILIES:
+            raise ValueError(
+                f"objective: mlm needs an encoder, model.family one of {list(ENCODER_FAMILIES)} (got {family!r})"
+            )
         return self
 
 
@@ -440,6 +463,25 @@ class EnsembleParams(Schema):
     probabilities."""
 
 
+class PromptingParams(Schema):
+    """Classification by prompting the pretrained model, when it is a causal LM (pretrain.objective: clm)."""
+
+    template: str = "Review: {text}\nSentiment:"
+    """The prompt around each text ({text} is replaced); each label word follows it as the answer."""
+    label_words: list[str] | None = None
+    """One answer per label, in label-id order (a leading space: a word of its own); null = " <label name>"."""
+    shots: int = Field(4, ge=0)
+    """Labelled train examples shown before every text for the few-shot row (balanced, seeded); 0 = no
+    few-shot row. At a 128-token context 4 shots leave ~24 tokens per review."""
+
+    @field_validator("template")
+    @classmethod
+    def _has_text(cls, value: str) -> str:
+        if "{text}" not in value:
+            raise ValueError("must contain {text}")
+        return value
+
+
 class EvaluateParams(Schema):
     bootstrap_samples: int = Field(1000, ge=10)
     """Resamples of the test set for the percentile confidence intervals."""
@@ -454,6 +496,8 @@ class EvaluateParams(Schema):
     mlm_windows: int | None = Field(1000, ge=1)
     """Test-text windows (of the pretrained model's max length) scored for the masked-LM
     perplexity; null = the whole test split. 1,000 x 128 tokens = ~19k masked tokens, ~10 s."""
+    prompting: PromptingParams = PromptingParams()
+    """Zero- and few-shot rows of a causal-LM pretrained model (ignored for a masked-LM encoder)."""
     ensembles: dict[str, EnsembleParams] = {}
     """Ensembles scored as their own rows (name -> members): the mean of the members' calibrated
     probabilities; each is written to models/ensembles/<name>.json for `lmpipe predict --ensemble`.

@@ -34,6 +34,7 @@ import numpy as np
 from lmpipe.baseline import baseline
 from lmpipe.core.errors import LmpipeError
 from lmpipe.core.io import write_json, write_text
+from lmpipe.evaluate import prompted
 from lmpipe.inference.batched import torch_logits
 from lmpipe.inference.classifier import INFO_FILE, load_classifier
 from lmpipe.inference.encoding import collate, encode_texts
@@ -353,8 +354,14 @@ def evaluate(
     settings: Any,
     seed: int,
     device: Any = "cpu",
+    shot_pool: Any = None,
 ) -> Evaluation:
-    """Run every model on the test split and score it; `settings` = params.evaluate."""
+    """Run every model on the test split and score it; `settings` = params.evaluate.
+
+    A causal-LM `pretrained` model adds its prompted rows (lmpipe.evaluate.prompted; few-shot
+    examples from `shot_pool()` -> (texts, labels)) and its next-token perplexity; an encoder
+    adds its masked-LM perplexity.
+    """
     results = []
     for spec in models:
         log.info("evaluating %s (%s)", spec.name, spec.path)
@@ -364,29 +371,24 @@ def evaluate(
         else:
             logits = transformer_logits(spec.path, test.texts, test.label_names, settings.batch_size, device)
             probs = _check_probs(M.softmax(logits), len(test.texts), test.label_names, spec.path)
-        result = score_model(
-            spec.name,
-            spec.kind,
-            test,
-            probs,
-            bootstrap_samples=settings.bootstrap_samples,
-            confidence=settings.confidence,
-            ece_bins=settings.ece_bins,
-            seed=seed,
-        )
+        result = score(spec.name, spec.kind, test, probs, settings, seed)
         result.logits = logits
         results.append(result)
-    compare_to_baseline(results, test.labels)
-    compare_to_random_init(
-        results,
-        models,
-        test.labels,
-        bootstrap_samples=settings.bootstrap_samples,
-        confidence=settings.confidence,
-        seed=seed,
-    )
     lm = None
-    if pretrained is not None:
+    if pretrained is not None and prompted.is_causal_lm(pretrained):
+        log.info("causal LM %s: test perplexity and prompted rows", pretrained)
+        model, tokenizer = prompted.load(pretrained, device)
+        lm = prompted.clm_perplexity(
+            model,
+            tokenizer,
+            test.texts,
+            batch_size=settings.batch_size,
+            device=device,
+            max_windows=settings.mlm_windows,
+        )
+        found = prompted.prompted_probs(model, tokenizer, test.texts, test.label_names, settings, seed, shot_pool)
+        results += [score(name, "prompt", test, probs, settings, seed) for name, probs in found.items()]
+    elif pretrained is not None:
         log.info("masked-LM perplexity of %s", pretrained)
         lm = mlm_perplexity(
             pretrained,
@@ -397,7 +399,30 @@ def evaluate(
             device=device,
             max_windows=settings.mlm_windows,
         )
+    compare_to_baseline(results, test.labels)
+    compare_to_random_init(
+        results,
+        models,
+        test.labels,
+        bootstrap_samples=settings.bootstrap_samples,
+        confidence=settings.confidence,
+        seed=seed,
+    )
     return Evaluation(test, results, lm, settings.confidence, settings.ece_bins)
+
+
+def score(name: str, kind: str, test: TestSet, probs: np.ndarray, settings: Any, seed: int) -> ModelResult:
+    """`score_model` with the bootstrap and calibration settings of params.evaluate."""
+    return score_model(
+        name,
+        kind,
+        test,
+        probs,
+        bootstrap_samples=settings.bootstrap_samples,
+        confidence=settings.confidence,
+        ece_bins=settings.ece_bins,
+        seed=seed,
+    )
 
 
 # --------------------------------------------------------------------------- reports
@@ -544,10 +569,17 @@ def _baseline_verdicts(evaluation: Evaluation) -> list[str]:
 
 
 def _perplexity_line(evaluation: Evaluation) -> list[str]:
-    """The pretrained encoder's masked-LM perplexity ([] when no encoder was evaluated)."""
+    """The pretrained model's masked-LM or next-token perplexity ([] when none was evaluated)."""
     lm = evaluation.lm
     if lm is None:
         return []
+    if "test_clm_perplexity" in lm:
+        return [
+            "",
+            f"Pretrained causal LM, next-token perplexity on the test text (`pretrained.test_clm_perplexity`): "
+            f"{lm['test_clm_perplexity']:.2f} over {int(lm['test_clm_tokens'])} tokens "
+            f"in {int(lm['test_clm_windows'])} windows.",
+        ]
     return [
         "",
         f"Pretrained encoder, masked-LM perplexity on the test text (`pretrained.test_mlm_perplexity`): "

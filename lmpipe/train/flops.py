@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-GATED_FFN_FAMILIES = ("modernbert",)  # model_type values whose feed-forward is gated (3 matrices)
+GATED_FFN_FAMILIES = ("modernbert", "llama")  # model_type values whose feed-forward is gated (3 matrices)
 
 
 def ffn_matrices(config: Any) -> int:
@@ -61,6 +61,21 @@ def mlm_flops_per_token(config: Any, seq_len: int, head_fraction: float) -> floa
     return encoder_flops_per_token(
         config.num_hidden_layers, config.hidden_size, config.intermediate_size, seq_len, ffn_matrices(config)
     ) + mlm_head_flops_per_token(config.hidden_size, config.vocab_size, head_fraction)
+
+
+def clm_flops_per_token(config: Any, seq_len: int) -> float:
+    """Training FLOPs per input token of a decoder (this module's accounting):
+
+        6 N_layers + 12 L T H  +  6 H V (T - 1) / T
+
+    the layers' weight matrices (SwiGLU: 3 feed-forward matrices), attention over all T
+    positions (the PaLM count: no halving for the causal mask, as nanoGPT reports MFU), and the
+    tied LM head (H x V) on the T - 1 positions that have a target (`lmpipe.clm.models.next_token_loss`).
+    """
+    ffn = ffn_matrices(config)
+    hidden, vocab = config.hidden_size, config.vocab_size
+    layers = encoder_flops_per_token(config.num_hidden_layers, hidden, config.intermediate_size, seq_len, ffn)
+    return layers + 6.0 * hidden * vocab * (seq_len - 1) / seq_len
 
 
 def probe_dtype(device: torch.device, precision: str) -> torch.dtype:

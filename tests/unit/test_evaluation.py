@@ -429,3 +429,49 @@ def test_no_control_section_without_a_random_init_model(project):
     got = E.evaluate(test, models, pretrained=None, settings=SETTINGS, seed=0)
     assert all(r.control is None for r in got.models)
     assert "What pretraining adds" not in E.comparison_table(got)
+
+
+def test_a_causal_lm_pretrained_adds_prompted_rows_and_its_perplexity(project, tmp_path):
+    """With a LlamaForCausalLM as models/pretrained: zero- and few-shot rows scored like any model
+    (CIs, McNemar against the baseline), next-token perplexity instead of the masked-LM one."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmpipe.core.params import PromptingParams
+    from lmpipe.evaluate import prompted
+
+    causal = tmp_path / "pretrained"
+    tokenizer = _tokenizer(causal)
+    tokenizer.save_pretrained(causal)
+    torch.manual_seed(4)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=48,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(causal)
+    assert prompted.is_causal_lm(causal) and not prompted.is_causal_lm(project / "models/pretrained")
+
+    cfg = PromptingParams(template="{text} was", label_words=[" bad", " good"], shots=2)  # words in its vocabulary
+    settings = SimpleNamespace(**vars(SETTINGS), prompting=cfg)
+    test = E.load_test_set(project / "data/processed")
+    models = E.find_models(project / "models/baseline", project / "models/finetuned")
+    pool = (["good fun", "bad boring", "great", "awful"], np.asarray([1, 0, 1, 0]))
+    got = E.evaluate(test, models, pretrained=causal, settings=settings, seed=0, shot_pool=lambda: pool)
+    rows = {r.name: r for r in got.models}
+    for name in (prompted.ZERO_SHOT, prompted.FEW_SHOT):
+        row = rows[name]
+        assert row.kind == "prompt" and row.probs.shape == (len(test.texts), 2)
+        assert np.allclose(row.probs.sum(axis=1), 1.0)
+        assert row.mcnemar is not None and row.ci["accuracy"][0] <= row.metrics["accuracy"] <= row.ci["accuracy"][1]
+    assert rows[prompted.ZERO_SHOT].probs.tolist() != rows[prompted.FEW_SHOT].probs.tolist()  # the shots matter
+    assert got.lm["test_clm_perplexity"] > 1 and "test_mlm_perplexity" not in got.lm
+    assert "next-token perplexity" in E.comparison_table(got)
+    unknown = SimpleNamespace(**vars(SETTINGS), prompting=PromptingParams(template="{text} was"))  # " negative"
+    with pytest.raises(LmpipeError, match="label_words: ' negative' is not in the tokenizer's vocabulary"):
+        E.evaluate(test, models, pretrained=causal, settings=unknown, seed=0)

@@ -1,0 +1,1 @@
+"""The causal language model: a decoder, next-token batches, references, generation, prompting."""
