@@ -29,6 +29,7 @@ from bench import common
 
 BENCHMARKS = (
     "mlm_throughput",
+    "clm_throughput",
     "finetune_throughput",
     "numerics_cost",
     "tokenize_speed",
