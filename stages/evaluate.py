@@ -1,7 +1,7 @@
 """Stage `evaluate`: every model on the held-out test split, one comparison table.
 
-Reads:  data/processed/{test.parquet,labels.json} (train.parquet: few-shot examples), models/baseline, models/finetuned/<name>/
-        (every fine-tuned folder), models/pretrained, reports/pretrain/*.csv and
+Reads:  data/processed/{test.parquet,labels.json} (train.parquet: few-shot examples), models/baseline,
+        models/finetuned/<name>/ (every fine-tuned folder), models/pretrained, reports/pretrain/*.csv and
         reports/finetune/<name>/*.csv (training curves, plotted when present); params: all.
 Writes: reports/evaluate/ as one folder swapped in whole: headline.json (the DVC metrics: the
         shipped model's test accuracy [CI] and macro-F1, the baseline's accuracy, the gain of
