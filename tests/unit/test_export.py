@@ -477,12 +477,14 @@ def test_labels_that_disagree_with_labels_json_are_an_error(project):
         run_stage()
 
 
-@pytest.mark.parametrize("family", ["modernbert", "roformer"])
+@pytest.mark.parametrize("family", ["modernbert", "roformer", "llama"])
 def test_each_pretrained_encoder_family_exports_to_onnx_with_parity(tmp_path, family, one_thread):
+    """Every family the pretrain stage builds, the causal LM's decoder (llama) included."""
     import onnxruntime as ort
     import torch
     from transformers import AutoModelForSequenceClassification, BertTokenizerFast
 
+    from lmpipe.clm import models as clm_models
     from lmpipe.core.params import Architecture
     from lmpipe.export import onnx_export
     from lmpipe.mlm import models
@@ -496,7 +498,8 @@ def test_each_pretrained_encoder_family_exports_to_onnx_with_parity(tmp_path, fa
         max_length=MAX_LENGTH,
         dropout=0.0,
     )
-    config = models.mlm_config(arch, len(VOCAB), {"pad": 0, "cls": 2, "sep": 3})
+    build_config = clm_models.clm_config if family == "llama" else models.mlm_config
+    config = build_config(arch, len(VOCAB), {"pad": 0, "cls": 2, "sep": 3})
     config.num_labels = 2
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(config).eval()
