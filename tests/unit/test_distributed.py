@@ -1,6 +1,7 @@
 """lmpipe.train.distributed + the loop under a real `torchrun --nproc_per_node 2` (gloo, CPU).
 
-Two processes with grad_accum=1 must end where one process with grad_accum=2 ends: the same
+Two processes with grad_accum=1 must end where one process with grad_accum=2 ends, for the
+masked-LM objective and for the causal-LM one (a llama decoder on [CLS]-led windows): the same
 global batch per step (shard = micro * world + rank), gradients averaged the same way. The
 comparison is exact: with 2 ranks DDP's allreduce computes (g0 + g1) / 2 and accumulation
 computes g0 / 2 + g1 / 2, and halving is exact in floating point, so the sums agree bit for bit
@@ -42,7 +43,22 @@ class TinyMLM(torch.nn.Module):
         return torch.nn.functional.cross_entropy(self.head(hidden[selected]), labels[selected])
 
 
-def setup(grad_accum: int, seed: int = 0):
+def tiny_clm(seed: int, grad_accum: int):
+    """A one-layer llama decoder and its [CLS]-led windows, as `pretrain.objective: clm` builds them."""
+    from lmpipe.clm import batches as clm_batches
+    from lmpipe.clm import models as clm_models
+    from lmpipe.core.params import Architecture
+
+    arch = Architecture(family="llama", num_layers=1, hidden_size=16, num_heads=2, intermediate_size=32, max_length=16)
+    lm = clm_models.build_clm(clm_models.clm_config(arch, VOCAB, {"cls": CLS, "sep": SEP, "pad": PAD}), seed)
+    tokens = np.random.default_rng(0).integers(5, VOCAB, 4000).astype(np.uint16)
+    data = clm_batches.CLMBatches(
+        tokens, tokens[:400], max_length=16, batch_size=4, grad_accum=grad_accum, eval_batches=2, seed=0, cls_id=CLS
+    )
+    return clm_models.CausalLMObjective(lm), data, clm_models.objective_loss
+
+
+def tiny_mlm(seed: int, grad_accum: int):
     torch.manual_seed(seed)
     model = TinyMLM()
     tokens = np.random.default_rng(0).integers(5, VOCAB, 4000).astype(np.uint16)
@@ -58,6 +74,11 @@ def setup(grad_accum: int, seed: int = 0):
         sep_id=SEP,
         masking=masking.MaskingConfig(0.15, 0.8, 0.1, MASK, VOCAB, (PAD, UNK, CLS, SEP, MASK)),
     )
+    return model, data, lambda m, b: (m(**b), b["input_ids"].numel())
+
+
+def setup(grad_accum: int, seed: int = 0, objective: str = "mlm"):
+    model, data, loss_fn = (tiny_clm if objective == "clm" else tiny_mlm)(seed, grad_accum)
     val = data.val_batches()
     config = training.TrainConfig(
         max_steps=6,
@@ -70,7 +91,7 @@ def setup(grad_accum: int, seed: int = 0):
         early_stopping_metric="val_loss",
     )
     kwargs = dict(
-        loss_fn=lambda m, b: (m(**b), b["input_ids"].numel()),
+        loss_fn=loss_fn,
         batch_at=data.batch_at,
         evaluate=lambda m: {"val_loss": sum(float(m(**b)) for b in val) / len(val)},
         config=config,
@@ -92,7 +113,8 @@ WORKER = textwrap.dedent("""
     steps = []
     from torch.optim.optimizer import register_optimizer_step_post_hook
     register_optimizer_step_post_hook(lambda *args: steps.append(1))
-    model, kwargs = setup(grad_accum=1, seed=rank)  # rank 1 starts elsewhere: DDP must broadcast rank 0
+    # rank 1 starts elsewhere: DDP must broadcast rank 0
+    model, kwargs = setup(grad_accum=1, seed=rank, objective=sys.argv[2])
     result = training.train(model, checkpoint_dir=f"{out}/ckpt", curves_dir=f"{out}/curves{rank}", **kwargs)
     info = distributed.current()
     torch.save({"state": model.state_dict(), "optimizer_steps": len(steps), "steps": result.steps,
@@ -101,7 +123,8 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def test_two_ranks_match_each_other_and_one_process_with_accumulation(tmp_path, project_root):
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_two_ranks_match_each_other_and_one_process_with_accumulation(tmp_path, project_root, objective):
     env = {**os.environ, "PYTHONPATH": str(project_root), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [
@@ -116,6 +139,7 @@ def test_two_ranks_match_each_other_and_one_process_with_accumulation(tmp_path, 
             "-c",
             WORKER,
             str(tmp_path),
+            objective,
         ],
         cwd=project_root,
         env=env,
@@ -125,7 +149,7 @@ def test_two_ranks_match_each_other_and_one_process_with_accumulation(tmp_path, 
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    model, kwargs = setup(grad_accum=2)
+    model, kwargs = setup(grad_accum=2, objective=objective)
     single = training.train(model, **kwargs)
 
     for got in ranks:
