@@ -12,7 +12,7 @@ PORT ?= 5000
 
 MODEL ?= models:/lmpipe-classifier/latest
 
-.PHONY: setup repro test lint format compare ui serve serve-mlflow bench study toolbox chaos clean-venv
+.PHONY: setup repro test lint format compare ui serve serve-mlflow bench study study-objectives toolbox chaos clean-venv
 
 setup: $(STAMP)
 
@@ -76,6 +76,12 @@ study: setup
 TOOLBOX_ARGS ?=
 toolbox: setup
 	$(BIN)/python -m studies.toolbox $(TOOLBOX_ARGS)
+
+# Masked-LM encoder against causal-LM decoder at equal pretraining compute: one `dvc exp run --temp
+# evaluate -S ...` per arm (~50 min on 2 cores, after `make repro`). Writes reports/study/objectives.*
+OBJECTIVES_ARGS ?=
+study-objectives: setup
+	$(BIN)/python -m studies.objectives $(OBJECTIVES_ARGS)
 
 # SIGKILL `dvc repro` of the tiny test DAG at seeded points of training, rerun, compare every
 # model's md5 with an uninterrupted run (~10 min on 2 cores); tests/integration/chaos.py

@@ -62,21 +62,21 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["dvc", *args], cwd=ROOT, env=env, text=True, capture_output=True, check=check)
 
 
-def run_method(name: str, overrides: list[str]) -> tuple[bool, str]:
-    """`dvc exp run` the method; (ok, the error line when it failed)."""
-    dvc("exp", "remove", EXPERIMENT_PREFIX + name, check=False)  # a rerun replaces it (`-f` would force every stage)
-    args = ["exp", "run", "--temp", "evaluate", "-n", EXPERIMENT_PREFIX + name]
+def run_experiment(experiment: str, overrides: list[str], target: str = "evaluate") -> tuple[bool, str]:
+    """`dvc exp run --temp <target> -n <experiment> -S ...`; (ok, the error line when it failed)."""
+    dvc("exp", "remove", experiment, check=False)  # a rerun replaces it (`-f` would force every stage)
+    args = ["exp", "run", "--temp", target, "-n", experiment]
     for override in overrides:
         args += ["-S", override]
     done = dvc(*args, check=False)
     if done.returncode == 0:
         return True, ""
-    lines = [ln for ln in (done.stderr + done.stdout).splitlines() if "finetune." in ln or "Error" in ln]
+    lines = [ln for ln in (done.stderr + done.stdout).splitlines() if any(k in ln for k in ("params.yaml", "Error"))]
     return False, (lines[-1] if lines else (done.stderr.strip().splitlines() or ["failed"])[-1]).strip()
 
 
-def exp_commit(name: str) -> str:
-    """The commit of experiment `toolbox-<name>` (DVC keeps it under refs/exps)."""
+def exp_commit(experiment: str) -> str | None:
+    """The commit of DVC experiment `experiment` (kept under refs/exps), None when there is none."""
     refs = subprocess.run(
         ["git", "for-each-ref", "refs/exps", "--format=%(refname) %(objectname)"],
         cwd=ROOT,
@@ -85,14 +85,20 @@ def exp_commit(name: str) -> str:
         check=True,
     ).stdout.split("\n")
     for line in refs:
-        if line.split(" ")[0].endswith("/" + EXPERIMENT_PREFIX + name):
+        if line.split(" ")[0].endswith("/" + experiment):
             return line.split(" ")[1]
-    raise SystemExit(f"toolbox: experiment {EXPERIMENT_PREFIX + name} not found under refs/exps")
+    return None
+
+
+def show_at(commit: str, path: str) -> str:
+    """The text of `path` in `commit` (an experiment's commit holds its git-tracked reports)."""
+    return subprocess.run(
+        ["git", "show", f"{commit}:{path}"], cwd=ROOT, text=True, capture_output=True, check=True
+    ).stdout
 
 
 def read_at(commit: str, path: str) -> dict[str, Any]:
-    shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=ROOT, text=True, capture_output=True, check=True)
-    return json.loads(shown.stdout)
+    return json.loads(show_at(commit, path))
 
 
 def peak_rss(group: str, stage: str) -> float | None:
@@ -113,7 +119,9 @@ def peak_rss(group: str, stage: str) -> float | None:
 
 
 def row(name: str, overrides: list[str], backbone: str) -> dict[str, Any]:
-    commit = exp_commit(name)
+    commit = exp_commit(EXPERIMENT_PREFIX + name)
+    if commit is None:
+        raise SystemExit(f"toolbox: experiment {EXPERIMENT_PREFIX + name} not found under refs/exps")
     test = read_at(commit, "reports/evaluate/metrics.json")[backbone]
     fit = read_at(commit, f"reports/finetune/{backbone}/metrics.json")
     perf = read_at(commit, f"reports/perf/finetune/{backbone}.json")
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in chosen:
         print(f"toolbox: {name} {' '.join(table[name])}", flush=True)
-        ok, error = run_method(name, table[name])
+        ok, error = run_experiment(EXPERIMENT_PREFIX + name, table[name])
         rows.append(
             row(name, table[name], args.backbone) if ok else {"method": name, "overrides": table[name], "status": error}
         )
