@@ -159,84 +159,19 @@ def _run_ours(config: dict[str, Any], lm, tokens, special, vocab) -> dict[str, A
 
 
 def _run_peer(config: dict[str, Any], lm, tokens, special, vocab) -> dict[str, Any]:
-    import tempfile
+    from transformers import DataCollatorForLanguageModeling
 
-    import transformers
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-
-    transformers.utils.logging.set_verbosity_error()
     batches = make_batches(config, tokens, special)
     total = config["warmup_steps"] + config["steps"]
     # the very windows our loop draws at each step, in step order
     rows = torch.cat([batches.batch_at(step, 0, 0, 1)["input_ids"] for step in range(total)]).numpy()
-
-    class Windows(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(rows)
-
-        def __getitem__(self, i: int) -> dict[str, list[int]]:
-            return {"input_ids": rows[i].tolist()}
-
     tokenizer = mlm_throughput._peer_tokenizer(config, special, vocab)
     if len(tokenizer) != vocab or tokenizer.pad_token_id != special["pad"]:
         raise RuntimeError(
             f"peer tokenizer disagrees with the token data: {len(tokenizer)} ids, "
             f"[PAD]={tokenizer.pad_token_id} vs {vocab}, {special['pad']}"
         )
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
-    boundaries: list[float] = []
-    losses: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step >= config["warmup_steps"]:
-                boundaries.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                losses.append(float(logs["loss"]))
-
-    with tempfile.TemporaryDirectory(prefix="lmpipe-bench-trainer-") as out:
-        args = TrainingArguments(
-            output_dir=out,
-            max_steps=total,
-            per_device_train_batch_size=config["batch_size"],
-            learning_rate=config["lr"],
-            weight_decay=config["weight_decay"],
-            adam_beta1=config["betas"][0],
-            adam_beta2=config["betas"][1],
-            max_grad_norm=config["clip_norm"],
-            warmup_steps=config["warmup_steps"],
-            lr_scheduler_type="cosine_with_min_lr",
-            lr_scheduler_kwargs={"min_lr_rate": config["min_lr_ratio"]},
-            logging_steps=1,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to="none",
-            use_cpu=True,
-            dataloader_num_workers=0,
-            seed=config["seed"],
-            disable_tqdm=True,
-            train_sampling_strategy="sequential",
-            include_num_input_tokens_seen="all",
-            bf16=False,
-            fp16=False,
-        )
-        trainer = Trainer(model=lm, args=args, train_dataset=Windows(), data_collator=collator, callbacks=[Clock()])
-        trainer.remove_callback(PrinterCallback)
-        torch.set_num_threads(config["threads"])
-        trainer.train()
-        optimizer = type(
-            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
-        ).__name__
-    if len(losses) != total or not all(math.isfinite(x) for x in losses):
-        raise RuntimeError(f"peer logged {len(losses)} losses for {total} steps: {losses}")
-    return {
-        **mlm_throughput._measured(config, boundaries, losses),
-        "tokens_run": int(trainer.state.num_input_tokens_seen),
-        "optimizer": f"{getattr(args.optim, 'value', args.optim)} ({optimizer})",
-    }
+    return mlm_throughput.trainer_pretraining(config, lm, rows, DataCollatorForLanguageModeling(tokenizer, mlm=False))
 
 
 # --------------------------------------------------------------------------- orchestration

@@ -286,28 +286,19 @@ def _peer_tokenizer(config: dict[str, Any], special: dict[str, int], vocab: int)
     return to_transformers(tok, "wordpiece", True, model_max_length=config["arch"]["max_length"])
 
 
-def _run_peer(side: str, config: dict[str, Any], mlm, tokens, special, vocab) -> dict[str, Any]:
+def trainer_pretraining(config: dict[str, Any], model, rows: Any, collator: Any) -> dict[str, Any]:
+    """The peer side of a pretraining benchmark: `transformers.Trainer` on `model`, fed `rows` (one
+    window per row, in our loop's step order: a sequential sampler) through `collator`, with the
+    lr schedule, optimizer settings and clipping of `config`. Returns the measured figures
+    (`_measured`), the tokens the Trainer counted and its optimizer."""
     import tempfile
 
-    import numpy as np
     import transformers
-    from transformers import DataCollatorForLanguageModeling, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
-    from lmpipe.mlm import masking
-
     transformers.utils.logging.set_verbosity_error()
-    batches = make_batches(config, tokens, special, vocab)
     total = config["warmup_steps"] + config["steps"]
-    # the very windows our loop draws at each step, in step order (masks are the collator's own)
-    rows = np.concatenate(
-        [
-            masking.windows(
-                tokens, batches.train_starts(step, 1), batches.window, special["cls"], special["sep"]
-            ).numpy()
-            for step in range(total)
-        ]
-    )
 
     class Windows(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -316,19 +307,6 @@ def _run_peer(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
         def __getitem__(self, i: int) -> dict[str, list[int]]:
             return {"input_ids": rows[i].tolist()}
 
-    tokenizer = _peer_tokenizer(config, special, vocab)
-    if len(tokenizer) != vocab or tokenizer.mask_token_id != special["mask"]:
-        raise RuntimeError(
-            f"peer tokenizer disagrees with the token data: {len(tokenizer)} ids, "
-            f"[MASK]={tokenizer.mask_token_id} vs {vocab}, {special['mask']}"
-        )
-    collator = DataCollatorForLanguageModeling(
-        tokenizer,
-        mlm_probability=config["mask_prob"],
-        mask_replace_prob=config["mask_replace"],
-        random_replace_prob=config["random_replace"],
-        seed=config["seed"],
-    )
     boundaries: list[float] = []
     losses: list[float] = []
 
@@ -363,10 +341,11 @@ def _run_peer(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
             seed=config["seed"],
             disable_tqdm=True,
             train_sampling_strategy="sequential",
+            include_num_input_tokens_seen="all",
             bf16=False,
             fp16=False,
         )
-        trainer = Trainer(model=mlm, args=args, train_dataset=Windows(), data_collator=collator, callbacks=[Clock()])
+        trainer = Trainer(model=model, args=args, train_dataset=Windows(), data_collator=collator, callbacks=[Clock()])
         trainer.remove_callback(PrinterCallback)
         torch.set_num_threads(config["threads"])
         trainer.train()
@@ -377,8 +356,42 @@ def _run_peer(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
         raise RuntimeError(f"peer logged {len(losses)} losses for {total} steps: {losses}")
     return {
         **_measured(config, boundaries, losses),
+        "tokens_run": int(trainer.state.num_input_tokens_seen),
         "optimizer": f"{getattr(args.optim, 'value', args.optim)} ({optimizer})",
     }
+
+
+def _run_peer(side: str, config: dict[str, Any], mlm, tokens, special, vocab) -> dict[str, Any]:
+    import numpy as np
+    from transformers import DataCollatorForLanguageModeling
+
+    from lmpipe.mlm import masking
+
+    batches = make_batches(config, tokens, special, vocab)
+    total = config["warmup_steps"] + config["steps"]
+    # the very windows our loop draws at each step, in step order (masks are the collator's own)
+    rows = np.concatenate(
+        [
+            masking.windows(
+                tokens, batches.train_starts(step, 1), batches.window, special["cls"], special["sep"]
+            ).numpy()
+            for step in range(total)
+        ]
+    )
+    tokenizer = _peer_tokenizer(config, special, vocab)
+    if len(tokenizer) != vocab or tokenizer.mask_token_id != special["mask"]:
+        raise RuntimeError(
+            f"peer tokenizer disagrees with the token data: {len(tokenizer)} ids, "
+            f"[MASK]={tokenizer.mask_token_id} vs {vocab}, {special['mask']}"
+        )
+    collator = DataCollatorForLanguageModeling(
+        tokenizer,
+        mlm_probability=config["mask_prob"],
+        mask_replace_prob=config["mask_replace"],
+        random_replace_prob=config["random_replace"],
+        seed=config["seed"],
+    )
+    return trainer_pretraining(config, mlm, rows, collator)
 
 
 # --------------------------------------------------------------------------- orchestration
