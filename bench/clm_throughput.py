@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from typing import Any
 
 import torch
@@ -110,52 +109,17 @@ def run_side(side: str, config: dict[str, Any]) -> dict[str, Any]:
 
 def _run_ours(config: dict[str, Any], lm, tokens, special, vocab) -> dict[str, Any]:
     from lmpipe.clm import models
-    from lmpipe.train import training
 
-    batches = make_batches(config, tokens, special)
-    total = config["warmup_steps"] + config["steps"]
-    boundaries: list[float] = []
     counted = [0]
-
-    def batch_at(step: int, micro: int, rank: int, world: int):
-        if step >= config["warmup_steps"]:
-            boundaries.append(time.perf_counter())  # a measured step starts (the previous one ended)
-        return batches.batch_at(step, micro, rank, world)
 
     def loss_fn(model, batch):
         loss, n_tokens = models.objective_loss(model, batch)
         counted[0] += int(n_tokens)  # what the loop counts for its own tokens/s
         return loss, n_tokens
 
-    def evaluate(model) -> dict[str, float]:
-        boundaries.append(time.perf_counter())  # called once, right after the last step
-        return {}
-
-    cfg = training.TrainConfig(
-        max_steps=total,
-        lr=config["lr"],
-        weight_decay=config["weight_decay"],
-        betas=tuple(config["betas"]),
-        warmup_steps=config["warmup_steps"],
-        min_lr_ratio=config["min_lr_ratio"],
-        clip_norm=config["clip_norm"],
-        eval_every=total,
-        checkpoint_every=total,
-        log_every=1,
-        precision="fp32",
-        fused=config.get("fused", False),
-    )
-    result = training.train(
-        models.CausalLMObjective(lm),
-        loss_fn=loss_fn,
-        batch_at=batch_at,
-        evaluate=evaluate,
-        config=cfg,
-        device=torch.device("cpu"),
-    )
-    losses = [row["loss"] for row in result.history["train"]]
-    optimizer = "AdamW fused" if config.get("fused") else "torch.optim.AdamW (defaults: single-tensor on CPU)"
-    return {**mlm_throughput._measured(config, boundaries, losses), "tokens_run": counted[0], "optimizer": optimizer}
+    batches = make_batches(config, tokens, special)
+    result = mlm_throughput.loop_pretraining(config, models.CausalLMObjective(lm), loss_fn, batches)
+    return {**result, "tokens_run": counted[0]}
 
 
 def _run_peer(config: dict[str, Any], lm, tokens, special, vocab) -> dict[str, Any]:

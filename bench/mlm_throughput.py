@@ -216,11 +216,12 @@ def _measured(config: dict[str, Any], boundaries: list[float], losses: list[floa
     }
 
 
-def _run_ours(side: str, config: dict[str, Any], mlm, tokens, special, vocab) -> dict[str, Any]:
-    from lmpipe.mlm import models
+def loop_pretraining(config: dict[str, Any], objective: Any, loss_fn: Any, batches: Any) -> dict[str, Any]:
+    """Our side of a pretraining benchmark: `lmpipe.train.training.train` on `objective` with
+    `loss_fn`, fed `batches.batch_at`, with the lr schedule, optimizer settings and clipping of
+    `config` (no evaluation, no checkpoint before the end). Returns the measured figures."""
     from lmpipe.train import training
 
-    batches = make_batches(config, tokens, special, vocab)
     total = config["warmup_steps"] + config["steps"]
     boundaries: list[float] = []
 
@@ -233,7 +234,6 @@ def _run_ours(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
         boundaries.append(time.perf_counter())  # called once, right after the last step
         return {}
 
-    objective = models.MaskedLMObjective(mlm) if side == "ours" else FullHeadObjective(mlm)
     cfg = training.TrainConfig(
         max_steps=total,
         lr=config["lr"],
@@ -249,16 +249,18 @@ def _run_ours(side: str, config: dict[str, Any], mlm, tokens, special, vocab) ->
         fused=config.get("fused", False),
     )
     result = training.train(
-        objective,
-        loss_fn=models.objective_loss,
-        batch_at=batch_at,
-        evaluate=evaluate,
-        config=cfg,
-        device=torch.device("cpu"),
+        objective, loss_fn=loss_fn, batch_at=batch_at, evaluate=evaluate, config=cfg, device=torch.device("cpu")
     )
     losses = [row["loss"] for row in result.history["train"]]
     optimizer = "AdamW fused" if config.get("fused") else "torch.optim.AdamW (defaults: single-tensor on CPU)"
     return {**_measured(config, boundaries, losses), "optimizer": optimizer}
+
+
+def _run_ours(side: str, config: dict[str, Any], mlm, tokens, special, vocab) -> dict[str, Any]:
+    from lmpipe.mlm import models
+
+    objective = models.MaskedLMObjective(mlm) if side == "ours" else FullHeadObjective(mlm)
+    return loop_pretraining(config, objective, models.objective_loss, make_batches(config, tokens, special, vocab))
 
 
 def _peer_tokenizer(config: dict[str, Any], special: dict[str, int], vocab: int):
