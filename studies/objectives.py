@@ -15,10 +15,11 @@ From each experiment's commit the table reads reports/pretrain/metrics.json (hel
 perplexity and its references, FLOPs per token, steps), reports/perf/pretrain.json (tokens/s,
 MFU on this machine) and reports/evaluate/ (each row's test accuracy with its bootstrap 95% CI,
 its McNemar test against the TF-IDF baseline, and its predictions). Each decoder row is then
-paired with the encoder row of the same labels and mode on the same 2,000 test reviews:
+paired with the encoder row of the same labels, mode and early stopping on the same 2,000 test reviews:
 accuracy difference with its paired bootstrap 95% interval (evaluate.bootstrap_samples, the
 seed of params) and McNemar's p. The prompted rows are paired with the encoder fine-tuned on
-8,000 labels.
+8,000 labels. The `-patient` arms turn early stopping off (PATIENT), so both objectives train
+their full fine-tuning budget.
 
 Writes reports/study/objectives.{md,json} (committed: the table the README quotes).
 """
@@ -56,12 +57,17 @@ DECODER = [
     f"pretrain.loop.checkpoint_every={CLM_STEPS // 4}",
 ]
 FEW_LABELS = ["finetune.max_train_examples=2000"]
+# 500 steps / an evaluation every 50 = 10 evaluations: patience 10 never stops, every arm trains
+# its full budget and keeps its best checkpoint. The shipped patience (3) stopped the decoder at
+# step 350, its best at 200, while its random twin went on improving to 500.
+PATIENT = ["finetune.early_stopping.patience=10"]
 LORA = f"finetune.backbones.{BACKBONE}.mode=lora"
 
 
 def arms() -> dict[str, dict[str, Any]]:
-    """Arm -> its objective, labels, fine-tuning mode and `-S` overrides (the rest as shipped)."""
-    return {
+    """Arm -> its objective, labels, fine-tuning mode, early stopping (`early`: as shipped,
+    `none`: patience past the budget) and `-S` overrides (the rest as shipped)."""
+    table = {
         "mlm-8k": {"objective": "mlm", "labels": 8000, "mode": "full", "overrides": []},
         "mlm-2k": {"objective": "mlm", "labels": 2000, "mode": "full", "overrides": FEW_LABELS},
         "mlm-8k-lora": {"objective": "mlm", "labels": 8000, "mode": "lora", "overrides": [LORA]},
@@ -74,7 +80,16 @@ def arms() -> dict[str, dict[str, Any]]:
             # llama's attention names its query and value projections q_proj and v_proj
             "overrides": DECODER + [LORA, f"finetune.backbones.{BACKBONE}.lora_target_modules=[q_proj,v_proj]"],
         },
+        "mlm-8k-patient": {"objective": "mlm", "labels": 8000, "mode": "full", "stop": "none", "overrides": PATIENT},
+        "clm-8k-patient": {
+            "objective": "clm",
+            "labels": 8000,
+            "mode": "full",
+            "stop": "none",
+            "overrides": DECODER + PATIENT,
+        },
     }
+    return {name: {"stop": "early", **arm} for name, arm in table.items()}
 
 
 def correct_of(predictions_csv: str) -> np.ndarray:
@@ -142,17 +157,18 @@ def read_arm(name: str, spec: dict[str, Any]) -> dict[str, Any]:
 def _rows_of(arm: dict[str, Any]) -> list[tuple[str, str]]:
     """(row, how it was trained) of `arm` in table order. The random twin and the prompts do not
     depend on the backbone's mode, and the prompts not on the labels: one copy of each."""
-    out = [(BACKBONE, arm["mode"])]
+    out = [(BACKBONE, arm["mode"] if arm["stop"] == "early" else f"{arm['mode']}, no early stop")]
     if arm["mode"] == "full":
-        out.append(("random", "full, random init"))
-        if arm["labels"] == 8000:
+        out.append(("random", "full, random init" if arm["stop"] == "early" else "random init, no early stop"))
+        if arm["labels"] == 8000 and arm["stop"] == "early":
             out += [(row, "prompted") for row in PROMPTED]
     return [(row, how) for row, how in out if row in arm["rows"]]
 
 
 def compare(found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One table row per classifier: every arm's fine-tuned backbone and (full mode) its random twin,
-    and the decoder's prompted rows; each decoder row paired with the encoder's matching row."""
+    and the decoder's prompted rows; each decoder row paired with the encoder's row of the same
+    labels, mode and early stopping."""
     out = []
     for arm in found.values():
         n_samples, seed = arm["bootstrap"]
@@ -166,9 +182,11 @@ def compare(found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "labels": 0 if row in PROMPTED else arm["labels"],
                 **{k: v for k, v in got.items() if k != "correct"},
             }
-            # the encoder arm of the same labels and mode; the prompts face the encoder on 8,000 labels
-            key = (8000, "full") if row in PROMPTED else (arm["labels"], arm["mode"])
-            encoders = [e for e in found.values() if e["objective"] == "mlm" and (e["labels"], e["mode"]) == key]
+            # the encoder arm of the same labels, mode and stopping; the prompts face the encoder on 8,000 labels
+            key = (8000, "full", "early") if row in PROMPTED else (arm["labels"], arm["mode"], arm["stop"])
+            encoders = [
+                e for e in found.values() if e["objective"] == "mlm" and (e["labels"], e["mode"], e["stop"]) == key
+            ]
             if arm["objective"] == "clm" and encoders:
                 reference = encoders[0]["rows"]["random" if row == "random" else BACKBONE]["correct"]
                 entry["vs_encoder"] = paired(got["correct"], reference, n_samples, seed)
@@ -242,11 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"objectives: {name} failed: {error}")
     found = {name: read_arm(name, table[name]) for name in chosen}
     rows = compare(found)
-    command = (
-        DEFAULT_COMMAND
-        if argv is None and len(sys.argv) == 1
-        else "python -m studies.objectives " + " ".join(argv if argv is not None else sys.argv[1:])
-    )
+    given = argv if argv is not None else sys.argv[1:]
+    command = DEFAULT_COMMAND if not given else "python -m studies.objectives " + " ".join(given)
+    if args.reuse:
+        command += " (the table, from experiments already run by this study)"
     from lmpipe.core.io import write_text
 
     summary = {

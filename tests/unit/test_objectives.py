@@ -25,6 +25,7 @@ def test_every_arm_is_a_valid_override_and_says_what_it_changes():
         assert params.pretrain.objective == arm["objective"], name
         assert params.finetune.max_train_examples == arm["labels"], name
         assert params.finetune.backbones[objectives.BACKBONE].mode == arm["mode"], name
+        assert (params.finetune.early_stopping.patience >= 10) == (arm["stop"] == "none"), name
         if arm["objective"] == "clm":
             assert params.pretrain.model.family == "llama"
             assert params.pretrain.loop.max_steps == objectives.CLM_STEPS
@@ -32,7 +33,7 @@ def test_every_arm_is_a_valid_override_and_says_what_it_changes():
     assert shipped["pretrain"]["loop"]["max_steps"] == 1400  # CLM_STEPS is derived from it (see the comment)
 
 
-def _arm(name, objective, labels, mode, correct, prompted=None):
+def _arm(name, objective, labels, mode, correct, prompted=None, stop="early"):
     rows = {
         "scratch": {"accuracy": correct.mean(), "correct": correct},
         "random": {"accuracy": 0.5, "correct": np.zeros_like(correct)},
@@ -46,6 +47,7 @@ def _arm(name, objective, labels, mode, correct, prompted=None):
         "objective": objective,
         "labels": labels,
         "mode": mode,
+        "stop": stop,
         "rows": rows,
         "bootstrap": (200, 0),
         "steps": 10,
@@ -72,6 +74,8 @@ def test_decoder_rows_are_paired_with_the_encoder_of_the_same_labels_and_mode():
         "clm-8k": _arm("clm-8k", "clm", 8000, "full", decoder_8k, {"clm_zero_shot": chance, "clm_few_shot": chance}),
         "clm-2k": _arm("clm-2k", "clm", 2000, "full", decoder_2k, {"clm_zero_shot": chance}),
         "clm-8k-lora": _arm("clm-8k-lora", "clm", 8000, "lora", decoder_8k),
+        "mlm-8k-patient": _arm("mlm-8k-patient", "mlm", 8000, "full", decoder_8k, stop="none"),
+        "clm-8k-patient": _arm("clm-8k-patient", "clm", 8000, "full", encoder_2k, {"clm_zero_shot": chance}, "none"),
     }
     rows = {(r["arm"], r["row"]): r for r in objectives.compare(found)}
 
@@ -88,6 +92,10 @@ def test_decoder_rows_are_paired_with_the_encoder_of_the_same_labels_and_mode():
     assert "vs_encoder" not in rows[("clm-8k-lora", "scratch")]
     assert ("clm-8k-lora", "random") not in rows
     assert all("vs_encoder" not in r for r in rows.values() if r["objective"] == "mlm")
+    # without early stopping, against the encoder trained without it too: 0.2 - 1.0
+    assert rows[("clm-8k-patient", "scratch")]["vs_encoder"]["diff"] == pytest.approx(-0.8)
+    assert rows[("clm-8k-patient", "scratch")]["how"] == "full, no early stop"
+    assert ("clm-8k-patient", "clm_zero_shot") not in rows  # the prompts are the shipped arm's
 
     table = objectives.markdown(found, list(rows.values()), "make study-objectives")
     assert "| clm | 10 | 1,000 | 0.001 | 100.0 | 0.50x | 1.50x | 1,000 | 0.50 |" in table
