@@ -143,7 +143,7 @@ def read_arm(name: str, spec: dict[str, Any]) -> dict[str, Any]:
         "commit": commit,
         "steps": pre["steps"],
         "tokens": tokens,
-        "pflops": tokens * pre["flops_per_token"] / 1e15,
+        "tflop": tokens * pre["flops_per_token"] / 1e12,
         "ppl": pre["val_perplexity"],
         "vs_unigram": pre["perplexity_vs_unigram"],
         "vs_bigram": pre.get("perplexity_vs_bigram"),
@@ -205,7 +205,7 @@ def markdown(found: dict[str, dict[str, Any]], rows: list[dict[str, Any]], comma
         "Perplexities are each objective's own on held-out text (masked tokens for the encoder, next "
         "tokens for the decoder), so compare each with its references, not with each other. Tokens/s "
         "and MFU are this machine's, under whatever else ran.\n",
-        "| objective | steps | tokens | pretraining PFLOP | held-out perplexity | vs unigram | vs bigram "
+        "| objective | steps | tokens | pretraining TFLOP | held-out perplexity | vs unigram | vs bigram "
         "| tokens/s | MFU |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -215,7 +215,7 @@ def markdown(found: dict[str, dict[str, Any]], rows: list[dict[str, Any]], comma
             continue
         seen.add(arm["objective"])
         lines.append(
-            f"| {arm['objective']} | {arm['steps']:,} | {arm['tokens']:,} | {arm['pflops']:.3f} | {arm['ppl']:.1f} | "
+            f"| {arm['objective']} | {arm['steps']:,} | {arm['tokens']:,} | {arm['tflop']:.1f} | {arm['ppl']:.1f} | "
             f"{_ratio(arm['vs_unigram'])} | {_ratio(arm['vs_bigram'])} | {arm['tokens_per_s']:,.0f} | "
             f"{arm['mfu']:.2f} |"
         )
@@ -231,7 +231,7 @@ def markdown(found: dict[str, dict[str, Any]], rows: list[dict[str, Any]], comma
     for r in rows:
         vs = r.get("vs_encoder")
         paired_cells = (
-            f"{vs['diff']:+.4f} [{vs['diff_low']:+.4f}, {vs['diff_high']:+.4f}] | {vs['p']:.3g}" if vs else "| "
+            f"{vs['diff']:+.4f} [{vs['diff_low']:+.4f}, {vs['diff_high']:+.4f}] | {vs['p']:.3g}" if vs else "- | -"
         )
         labels = "prompt" if r["labels"] == 0 else f"{r['labels']:,}"
         lines.append(

@@ -52,7 +52,7 @@ def _arm(name, objective, labels, mode, correct, prompted=None, stop="early"):
         "bootstrap": (200, 0),
         "steps": 10,
         "tokens": 1000,
-        "pflops": 0.001,
+        "tflop": 1.0,
         "ppl": 100.0,
         "vs_unigram": 0.5,
         "vs_bigram": 1.5 if objective == "clm" else None,
@@ -98,8 +98,9 @@ def test_decoder_rows_are_paired_with_the_encoder_of_the_same_labels_and_mode():
     assert ("clm-8k-patient", "clm_zero_shot") not in rows  # the prompts are the shipped arm's
 
     table = objectives.markdown(found, list(rows.values()), "make study-objectives")
-    assert "| clm | 10 | 1,000 | 0.001 | 100.0 | 0.50x | 1.50x | 1,000 | 0.50 |" in table
-    assert "| mlm | 10 | 1,000 | 0.001 | 100.0 | 0.50x | n/a |" in table
+    assert "| clm | 10 | 1,000 | 1.0 | 100.0 | 0.50x | 1.50x | 1,000 | 0.50 |" in table
+    assert "| mlm | 10 | 1,000 | 1.0 | 100.0 | 0.50x | n/a |" in table
+    assert "| mlm-8k | scratch (full) | 8,000 | 0.5000 [0.1000, 0.9000] | 0.5000 | 0.01 | - | - |" in table
     assert "| clm-8k | clm_zero_shot (prompted) | prompt | 0.5000 [0.1000, 0.9000] |" in table
     assert "| clm-2k | scratch (full) | 2,000 | 0.3000 [0.1000, 0.9000] | 0.5000 | 0.01 | +0.1000 [" in table
 
