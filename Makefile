@@ -78,7 +78,7 @@ toolbox: setup
 	$(BIN)/python -m studies.toolbox $(TOOLBOX_ARGS)
 
 # Masked-LM encoder against causal-LM decoder at equal pretraining compute: one `dvc exp run --temp
-# evaluate -S ...` per arm (~50 min on 2 cores, after `make repro`). Writes reports/study/objectives.*
+# evaluate -S ...` per arm (~75 min on 2 cores, after `make repro`). Writes reports/study/objectives.*
 OBJECTIVES_ARGS ?=
 study-objectives: setup
 	$(BIN)/python -m studies.objectives $(OBJECTIVES_ARGS)

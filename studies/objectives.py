@@ -1,6 +1,6 @@
 """Masked-LM encoder against causal-LM decoder at equal pretraining compute, one `dvc exp run` each.
 
-    python -m studies.objectives                       # = make study-objectives (~50 min on 2 cores)
+    python -m studies.objectives                       # = make study-objectives (~75 min on 2 cores)
     python -m studies.objectives --reuse               # rebuild the table from the experiments already run
     python -m studies.objectives --only clm-8k,clm-2k
 
