@@ -165,6 +165,10 @@ def _rows_of(arm: dict[str, Any]) -> list[tuple[str, str]]:
     return [(row, how) for row, how in out if row in arm["rows"]]
 
 
+def _setting(arm: dict[str, Any]) -> tuple[int, str, str]:
+    return arm["labels"], arm["mode"], arm["stop"]
+
+
 def compare(found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One table row per classifier: every arm's fine-tuned backbone and (full mode) its random twin,
     and the decoder's prompted rows; each decoder row paired with the encoder's row of the same
@@ -182,14 +186,13 @@ def compare(found: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "labels": 0 if row in PROMPTED else arm["labels"],
                 **{k: v for k, v in got.items() if k != "correct"},
             }
-            # the encoder arm of the same labels, mode and stopping; the prompts face the encoder on 8,000 labels
-            key = (8000, "full", "early") if row in PROMPTED else (arm["labels"], arm["mode"], arm["stop"])
-            encoders = [
-                e for e in found.values() if e["objective"] == "mlm" and (e["labels"], e["mode"], e["stop"]) == key
-            ]
-            if arm["objective"] == "clm" and encoders:
-                reference = encoders[0]["rows"]["random" if row == "random" else BACKBONE]["correct"]
-                entry["vs_encoder"] = paired(got["correct"], reference, n_samples, seed)
+            if arm["objective"] == "clm":
+                # the encoder arm of the same labels, mode and stopping; the prompts face the encoder on 8,000 labels
+                key = (8000, "full", "early") if row in PROMPTED else _setting(arm)
+                encoder = next((e for e in found.values() if e["objective"] == "mlm" and _setting(e) == key), None)
+                if encoder is not None:
+                    reference = encoder["rows"]["random" if row == "random" else BACKBONE]["correct"]
+                    entry["vs_encoder"] = paired(got["correct"], reference, n_samples, seed)
             out.append(entry)
     return out
 
@@ -222,8 +225,8 @@ def markdown(found: dict[str, dict[str, Any]], rows: list[dict[str, Any]], comma
     lines += [
         "",
         "Test accuracy on the 2,000 test reviews with its bootstrap 95% CI; McNemar's p against the TF-IDF "
-        "baseline; each decoder row against the encoder row of the same labels and mode (its random twin "
-        "against the encoder's; the prompted rows against the encoder fine-tuned on 8,000 labels): "
+        "baseline; each decoder row against the encoder row of the same labels, mode and early stopping (its "
+        "random twin against the encoder's; the prompted rows against the encoder fine-tuned on 8,000 labels): "
         "accuracy difference [paired 95% CI], McNemar p.\n",
         "| arm | model | labels | test accuracy [95% CI] | macro-F1 | p vs baseline | decoder - encoder [95% CI] | p |",
         "|---|---|---:|---|---:|---:|---|---:|",

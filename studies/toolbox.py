@@ -62,16 +62,17 @@ def dvc(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["dvc", *args], cwd=ROOT, env=env, text=True, capture_output=True, check=check)
 
 
-def run_experiment(experiment: str, overrides: list[str], target: str = "evaluate") -> tuple[bool, str]:
-    """`dvc exp run --temp <target> -n <experiment> -S ...`; (ok, the error line when it failed)."""
+def run_experiment(experiment: str, overrides: list[str]) -> tuple[bool, str]:
+    """`dvc exp run --temp evaluate -n <experiment> -S ...`; (ok, the error line when it failed)."""
     dvc("exp", "remove", experiment, check=False)  # a rerun replaces it (`-f` would force every stage)
-    args = ["exp", "run", "--temp", target, "-n", experiment]
+    args = ["exp", "run", "--temp", "evaluate", "-n", experiment]
     for override in overrides:
         args += ["-S", override]
     done = dvc(*args, check=False)
     if done.returncode == 0:
         return True, ""
-    lines = [ln for ln in (done.stderr + done.stdout).splitlines() if any(k in ln for k in ("params.yaml", "Error"))]
+    marks = ("params.yaml", "finetune.", "Error")  # the stage's one-line error, or DVC's
+    lines = [ln for ln in (done.stderr + done.stdout).splitlines() if any(k in ln for k in marks)]
     return False, (lines[-1] if lines else (done.stderr.strip().splitlines() or ["failed"])[-1]).strip()
 
 
